@@ -1,0 +1,43 @@
+"""ncp: context-pruned meta-learning (GradNCP) for any PyTorch ``nn.Module``.
+
+Online context pruning, the bootstrap meta-loss and test-time gradient rescaling of
+Tack et al., *Learning Large-scale Neural Fields via Context Pruned Meta-Learning*
+(NeurIPS 2023), as a plug-in for an existing MAML training loop.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import functional as functional
+from . import losses as losses
+from ._bootstrap import BootstrapMetaLoss as BootstrapMetaLoss
+from ._config import MetaConfig as MetaConfig
+from ._driver import MetaStepResult as MetaStepResult
+from ._driver import adapt as adapt
+from ._driver import forward as forward
+from ._driver import meta_step as meta_step
+from ._memory import MemoryMeter as MemoryMeter
+from ._pruning import ContextPruner as ContextPruner
+from ._pruning import Pruned as Pruned
+from ._rescaling import GradRescaler as GradRescaler
+
+try:
+    __version__ = version("ncp")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BootstrapMetaLoss",
+    "ContextPruner",
+    "GradRescaler",
+    "MemoryMeter",
+    "MetaConfig",
+    "MetaStepResult",
+    "Pruned",
+    "adapt",
+    "forward",
+    "functional",
+    "losses",
+    "meta_step",
+]

@@ -1,0 +1,116 @@
+"""Bootstrap correction (paper Sec. 2.3): a full-context target for the adapted parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import losses
+from ._inner import first_order_steps
+from ._params import Params
+from ._scoring import LossFn
+
+
+def parameter_distance(
+    params: Mapping[str, Tensor], target: Mapping[str, Tensor], *, squared: bool = False
+) -> Tensor:
+    """L2 distance between two per-task parameter sets over all their entries, ``(tasks,)``.
+
+    The norm is taken in at least float32. Its gradient at zero distance is zero (not NaN).
+    """
+    sq = sum(
+        (params[k] - target[k])
+        .flatten(1)
+        .to(torch.promote_types(params[k].dtype, torch.float32))
+        .pow(2)
+        .sum(1)
+        for k in params
+    )
+    assert isinstance(sq, Tensor)
+    if squared:
+        return sq
+    # sqrt has an infinite derivative at 0; mask it so theta_K == target gives a zero gradient.
+    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
+    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootstrapMetaLoss:
+    """Pulls the adapted parameters toward a target adapted further on the full context.
+
+    From ``theta_K`` (detached), ``steps`` first-order SGD steps with learning rate ``lr`` on the
+    full context give ``theta_boot``; the term added to each task's outer loss is
+    ``weight * ||theta_K - stopgrad(theta_boot)||_2`` over all adapted parameters of the task
+    (squared when ``squared=True``).
+
+    Args:
+        steps: number of target steps ``L`` (paper: 5).
+        lr: learning rate of the target steps (paper: 5e-2).
+        weight: the paper's ``lambda`` (100).
+        squared: use the squared distance instead of the L2 norm.
+
+    Example:
+        >>> import torch, ncp
+        >>> model = torch.nn.Linear(2, 1)
+        >>> params = {k: v.unsqueeze(0).expand(3, *v.shape) for k, v in model.named_parameters()}
+        >>> term, target = ncp.BootstrapMetaLoss(steps=2)(model, params, torch.rand(3, 8, 2), torch.rand(3, 8, 1))
+        >>> term.shape, target["weight"].requires_grad
+        (torch.Size([3]), False)
+
+    References:
+        Tack et al., NeurIPS 2023, Sec. 2.3, Eq. (3); Flennerhag et al., Bootstrapped
+        meta-learning, ICLR 2022.
+    """
+
+    steps: int = 5
+    lr: float = 5e-2
+    weight: float = 100.0
+    squared: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(
+                f"`BootstrapMetaLoss.steps` must be an int >= 1, got {self.steps!r}; "
+                "pass bootstrap=None to MetaConfig for no bootstrap term."
+            )
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"`BootstrapMetaLoss.lr` must be > 0, got {self.lr!r}.")
+        if not isinstance(self.weight, (int, float)) or not self.weight >= 0:
+            raise ValueError(f"`BootstrapMetaLoss.weight` must be >= 0, got {self.weight!r}.")
+
+    def target(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        *,
+        loss_fn: LossFn = losses.mse,
+        vmap_tasks: bool = True,
+    ) -> Params:
+        """``theta_boot``: ``steps`` SGD steps from ``stopgrad(params)`` on ``(x, y)``; no graph."""
+        target, _ = first_order_steps(
+            model, params, x, y, loss_fn, steps=self.steps, lr=self.lr, vmap_tasks=vmap_tasks
+        )
+        return target
+
+    def distance(self, params: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+        """The weighted term ``weight * ||params - target||``, ``(tasks,)``."""
+        return self.weight * parameter_distance(params, target, squared=self.squared)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        *,
+        loss_fn: LossFn = losses.mse,
+        vmap_tasks: bool = True,
+    ) -> Tuple[Tensor, Params]:
+        """The bootstrap term ``(tasks,)`` and the detached target it was measured against."""
+        target = self.target(model, params, x, y, loss_fn=loss_fn, vmap_tasks=vmap_tasks)
+        return self.distance(params, target), target

@@ -1,0 +1,359 @@
+"""``meta_step`` and ``adapt``: the only module that knows the order of GradNCP's phases."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import losses
+from ._config import MetaConfig
+from ._inner import detached_leaves, sgd_update, task_gradients, task_losses
+from ._params import (
+    Params,
+    check_norm_layers,
+    check_params,
+    init_params,
+    task_forward,
+    task_slice,
+)
+from ._pruning import ContextPruner, gather_points, top_k_indices
+from ._rescaling import GradRescaler
+from ._scoring import LossFn, find_head
+from ._validation import check_device, check_finite, check_pair, check_point_losses
+
+
+@dataclass(frozen=True)
+class MetaStepResult:
+    """What :func:`meta_step` computed. Shapes use ``T`` tasks, ``K`` inner steps, ``k`` kept
+    points.
+
+    Attributes:
+        loss: scalar outer loss, mean over tasks of ``query_loss + bootstrap_loss``; call
+            ``backward()`` on it.
+        query_loss: ``(T,)`` loss of the adapted parameters on the query set.
+        bootstrap_loss: ``(T,)`` weighted bootstrap term, or None without bootstrap.
+        inner_losses: ``(K, T)`` inner loss before each step, on the points used (detached).
+        kept_indices: ``(K, T, k)`` context indices kept at each step, or None without pruning.
+        params: adapted per-task parameters ``theta_K`` (attached to the graph).
+        bootstrap_target: detached ``theta_boot``, or None without bootstrap.
+    """
+
+    loss: Tensor
+    query_loss: Tensor
+    bootstrap_loss: Tensor | None
+    inner_losses: Tensor
+    kept_indices: Tensor | None
+    params: Params
+    bootstrap_target: Params | None
+
+
+def _unpack(batch: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 4):
+        got = (
+            f"{type(batch).__name__} of length {len(batch)}"
+            if isinstance(batch, (tuple, list))
+            else type(batch).__name__
+        )
+        raise ValueError(
+            "`batch` must be (x, y) (query = the full context, as for neural fields) or "
+            f"(context_x, context_y, query_x, query_y), got {got}."
+        )
+    if len(batch) == 2:
+        x, y = batch
+        check_pair(x, y)
+        return x, y, x, y
+    cx, cy, qx, qy = batch
+    check_pair(cx, cy, ("context_x", "context_y"))
+    check_pair(qx, qy, ("query_x", "query_y"))
+    if cx.shape[0] != qx.shape[0]:
+        raise ValueError(
+            f"context and query must have the same number of tasks, got {cx.shape[0]} and "
+            f"{qx.shape[0]}."
+        )
+    return cx, cy, qx, qy
+
+
+def _check_loss_fn(
+    model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, vmap_tasks: bool
+) -> None:
+    """Run ``loss_fn`` once on a few points to check that it returns per-point losses."""
+    n = min(x.shape[1], 8)
+    with torch.no_grad():
+        out = loss_fn(task_forward(model, params, x[:, :n], vmap_tasks=vmap_tasks), y[:, :n])
+    check_point_losses(out, x.shape[0], n)
+
+
+def _prepare_pruner(
+    pruner: ContextPruner, model: nn.Module, params: Params, x: Tensor
+) -> ContextPruner:
+    """Validate the pruner against the data and fix its head once for the whole call."""
+    pruner.keep(x.shape[1])
+    if pruner.generator is not None and pruner.generator.device != x.device:
+        raise ValueError(
+            f"`ContextPruner.generator` is on {pruner.generator.device} but the context is on "
+            f"{x.device}; create it with torch.Generator(device={str(x.device)!r})."
+        )
+    if pruner.score == "gradncp" and pruner.head is None:
+        head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
+        pruner = dataclasses.replace(pruner, head=head)
+    return pruner
+
+
+def _select(
+    pruner: ContextPruner,
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    vmap_tasks: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    scores = pruner._scores(model, params, x, y, loss_fn, vmap_tasks)
+    idx = top_k_indices(scores, pruner.keep(x.shape[1]))
+    return gather_points(x, idx), gather_points(y, idx), idx
+
+
+def meta_step(
+    model: nn.Module,
+    batch: Sequence[Tensor],
+    cfg: MetaConfig,
+    *,
+    loss_fn: LossFn = losses.mse,
+) -> MetaStepResult:
+    """Adapt ``model`` to every task of ``batch`` and return the outer (meta) loss.
+
+    Runs ``cfg.inner_steps`` differentiable SGD steps per task, each on the context points
+    kept by ``cfg.pruner`` (all points when None), then the loss of the adapted parameters on
+    the query set plus, with ``cfg.bootstrap``, the bootstrap term (paper Algorithm 1). It
+    never calls ``backward`` or an optimizer and writes nothing on ``model``.
+
+    Args:
+        model: any ``nn.Module`` mapping ``(points, ...)`` inputs to ``(points, ...)``
+            outputs; its parameters with ``requires_grad=True`` are adapted.
+        batch: ``(x, y)``, the query set being the full context (neural fields), or
+            ``(context_x, context_y, query_x, query_y)``; shapes ``(tasks, points, ...)``.
+        cfg: the configuration.
+        loss_fn: per-point loss ``(pred, target) -> (tasks, points)``.
+
+    Returns:
+        A :class:`MetaStepResult`; ``result.loss.backward()`` gives the meta-gradient.
+
+    Raises:
+        ValueError: on mismatched shapes or devices, a loss that is not per-point, a ratio
+            keeping no point, batch norm with running statistics, or an unused parameter.
+        FloatingPointError: when an inner loss is NaN or infinite.
+
+    Example:
+        >>> import torch, ncp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> cfg = ncp.MetaConfig(inner_steps=2, pruner=ncp.ContextPruner(ratio=0.5))
+        >>> out = ncp.meta_step(model, (torch.rand(4, 32, 2), torch.rand(4, 32, 1)), cfg)
+        >>> out.loss.backward()
+        >>> out.inner_losses.shape, out.kept_indices.shape
+        (torch.Size([2, 4]), torch.Size([2, 4, 16]))
+
+    References:
+        Tack et al., NeurIPS 2023, Algorithm 1.
+    """
+    if not isinstance(cfg, MetaConfig):
+        raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
+    cx, cy, qx, qy = _unpack(batch)
+    check_device(model, cx, cy, qx, qy)
+    check_norm_layers(model)
+    tasks = cx.shape[0]
+    params = init_params(model, tasks)
+    _check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
+    pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, params, cx)
+
+    inner, kept = [], []
+    for _ in range(cfg.inner_steps):
+        x_k, y_k = cx, cy
+        if pruner is not None:
+            x_k, y_k, idx = _select(pruner, model, params, cx, cy, loss_fn, cfg.vmap_tasks)
+            kept.append(idx)
+        if cfg.first_order:
+            grads, step_loss = task_gradients(
+                model,
+                detached_leaves(params),
+                x_k,
+                y_k,
+                loss_fn,
+                create_graph=False,
+                vmap_tasks=cfg.vmap_tasks,
+            )
+        else:
+            grads, step_loss = task_gradients(
+                model, params, x_k, y_k, loss_fn, create_graph=True, vmap_tasks=cfg.vmap_tasks
+            )
+        params = sgd_update(params, grads, cfg.inner_lr)
+        inner.append(step_loss.detach())
+    inner_losses = torch.stack(inner)
+    check_finite(inner_losses, "inner")
+
+    query_loss = task_losses(model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks)
+    total = query_loss
+    boot_loss, target = None, None
+    if cfg.bootstrap is not None:
+        boot_loss, target = cfg.bootstrap(
+            model, params, cx, cy, loss_fn=loss_fn, vmap_tasks=cfg.vmap_tasks
+        )
+        total = total + boot_loss.to(total.dtype)
+    return MetaStepResult(
+        loss=total.mean(),
+        query_loss=query_loss,
+        bootstrap_loss=boot_loss,
+        inner_losses=inner_losses,
+        kept_indices=torch.stack(kept) if kept else None,
+        params=params,
+        bootstrap_target=target,
+    )
+
+
+def adapt(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: MetaConfig,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    rescaler: GradRescaler | None = None,
+    prune: bool = False,
+    params: Params | None = None,
+    loss_fn: LossFn = losses.mse,
+) -> Params:
+    """Test-time adaptation (paper Algorithm 2): first-order SGD with no graph.
+
+    By default every step uses the full context. With ``rescaler`` each full-context gradient
+    is rescaled to the norm (or loss ratio) of the context ``cfg.pruner`` keeps, matching the
+    step sizes seen in meta-training. With ``prune=True`` the steps use the pruned context
+    itself, as in meta-training.
+
+    Args:
+        model: the meta-learned module.
+        x: context inputs ``(tasks, points, ...)``.
+        y: context targets ``(tasks, points, ...)``.
+        cfg: the configuration used for meta-training (pruner, default steps and lr).
+        steps: number of steps; default ``cfg.inner_steps``.
+        lr: learning rate; default ``cfg.inner_lr``.
+        rescaler: a :class:`GradRescaler`, or None for plain full-context steps.
+        prune: adapt on the pruned context instead of the full one.
+        params: per-task parameters to start from; default the model's own.
+        loss_fn: per-point loss.
+
+    Returns:
+        Detached per-task parameters; evaluate them with :func:`ncp.forward`.
+
+    Example:
+        >>> import torch, ncp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> x, y = torch.rand(2, 64, 2), torch.rand(2, 64, 1)
+        >>> params = ncp.adapt(model, x, y, ncp.MetaConfig(), steps=3, rescaler=ncp.GradRescaler())
+        >>> ncp.forward(model, params, x).shape
+        torch.Size([2, 64, 1])
+    """
+    if not isinstance(cfg, MetaConfig):
+        raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
+    check_pair(x, y)
+    check_device(model, x, y)
+    check_norm_layers(model)
+    steps = cfg.inner_steps if steps is None else steps
+    lr = cfg.inner_lr if lr is None else lr
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"`steps` must be an int >= 0, got {steps!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"`lr` must be a number > 0, got {lr!r}.")
+    if rescaler is not None and not isinstance(rescaler, GradRescaler):
+        raise TypeError(
+            f"`rescaler` must be an ncp.GradRescaler or None, got {type(rescaler).__name__}."
+        )
+    if rescaler is not None and prune:
+        raise ValueError(
+            "`prune=True` adapts on the pruned context while `rescaler` rescales full-context "
+            "gradients; pass one of them."
+        )
+    if (rescaler is not None or prune) and cfg.pruner is None:
+        raise ValueError(
+            "`rescaler` and `prune=True` need `cfg.pruner` to choose the pruned context; "
+            "pass a MetaConfig with pruner=ncp.ContextPruner(...)."
+        )
+    tasks = x.shape[0]
+    if params is None:
+        current = init_params(model, tasks, detach=True)
+    else:
+        check_params(model, params, tasks)
+        current = {k: v.detach() for k, v in params.items()}
+    _check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
+    pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, current, x)
+
+    history = []
+    for _ in range(steps):
+        with torch.enable_grad():
+            leaves = detached_leaves(current)
+            if prune:
+                assert pruner is not None
+                x_k, y_k, _ = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
+                grads, loss = task_gradients(
+                    model, leaves, x_k, y_k, loss_fn, create_graph=False, vmap_tasks=cfg.vmap_tasks
+                )
+            else:
+                grads, loss = task_gradients(
+                    model, leaves, x, y, loss_fn, create_graph=False, vmap_tasks=cfg.vmap_tasks
+                )
+            if rescaler is not None:
+                assert pruner is not None
+                x_k, y_k, _ = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
+                if rescaler.mode == "grad":
+                    pruned, _ = task_gradients(
+                        model,
+                        detached_leaves(current),
+                        x_k,
+                        y_k,
+                        loss_fn,
+                        create_graph=False,
+                        vmap_tasks=cfg.vmap_tasks,
+                    )
+                    grads = rescaler(grads, pruned_grads=pruned)
+                else:
+                    with torch.no_grad():
+                        pruned_loss = task_losses(
+                            model, current, x_k, y_k, loss_fn, vmap_tasks=cfg.vmap_tasks
+                        )
+                    grads = rescaler(grads, full_loss=loss, pruned_loss=pruned_loss)
+        with torch.no_grad():
+            current = sgd_update(current, grads, lr)
+        history.append(loss.detach())
+    if history:
+        check_finite(torch.stack(history), "adaptation")
+    return current
+
+
+def forward(model: nn.Module, params: Params, x: Tensor, *, vmap_tasks: bool = True) -> Tensor:
+    """Evaluate ``model`` with per-task ``params`` on ``x`` ``(tasks, points, ...)``.
+
+    Args:
+        model: the module the parameters belong to.
+        params: per-task parameters from :func:`adapt` or ``MetaStepResult.params``.
+        x: inputs ``(tasks, points, ...)``.
+        vmap_tasks: vectorise over tasks (``False``: a loop).
+
+    Returns:
+        Outputs ``(tasks, points, ...)``.
+
+    Example:
+        >>> import torch, ncp
+        >>> model = torch.nn.Linear(2, 3)
+        >>> params = ncp.adapt(model, torch.rand(2, 5, 2), torch.rand(2, 5, 3), ncp.MetaConfig(pruner=None), steps=1)
+        >>> ncp.forward(model, params, torch.rand(2, 7, 2)).shape
+        torch.Size([2, 7, 3])
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"`x` must be a tensor of shape (tasks, points, ...), got {got}.")
+    check_params(model, params, x.shape[0])
+    check_device(model, x)
+    return task_forward(model, params, x, vmap_tasks=vmap_tasks)

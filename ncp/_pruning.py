@@ -1,0 +1,187 @@
+"""Top-k selection of context points (scores come from ``_scoring``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import losses
+from ._params import check_params, init_params
+from ._scoring import SCORES, LossFn, Score, score_points
+from ._validation import check_device, check_pair
+
+
+def keep_count(ratio: float, points: int) -> int:
+    """``floor(ratio * points)``, robust to float error (``0.29 * 100`` keeps 29, not 28)."""
+    return math.floor(round(ratio * points, 9))
+
+
+def top_k_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices ``(tasks, k)`` of the ``k`` highest scores of each task."""
+    return torch.topk(scores, k, dim=1, sorted=False).indices
+
+
+def gather_points(t: Tensor, indices: Tensor) -> Tensor:
+    """Select points: ``t`` ``(tasks, points, ...)`` and ``indices`` ``(tasks, k)`` give
+    ``(tasks, k, ...)``."""
+    rows = torch.arange(t.shape[0], device=t.device).unsqueeze(1)
+    return t[rows, indices]
+
+
+class Pruned(NamedTuple):
+    """The kept context: ``x`` ``(tasks, k, ...)``, ``y`` ``(tasks, k, ...)``, ``indices``
+    ``(tasks, k)`` into the full context."""
+
+    x: Tensor
+    y: Tensor
+    indices: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextPruner:
+    """Keeps the ``ratio`` fraction of context points with the highest score (paper Sec. 2.2).
+
+    Args:
+        ratio: fraction of points kept per task and step, ``k = floor(ratio * points)``.
+        score: ``"gradncp"`` (last-layer gradient norm, Eq. 2), ``"loss"`` (per-point loss) or
+            ``"random"``.
+        chunk_size: score at most this many points per forward pass, bounding scoring memory
+            on huge contexts. Only for models that treat points independently (no batch norm
+            over points).
+        head: module name of the model's last layer for ``"gradncp"``; default, the last leaf
+            module with trainable parameters that the forward pass calls.
+        generator: random source for ``score="random"``; on the inputs' device.
+
+    Example:
+        >>> import torch, ncp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> x, y = torch.rand(3, 40, 2), torch.rand(3, 40, 1)
+        >>> kept = ncp.ContextPruner(ratio=0.25)(model, x, y)
+        >>> kept.x.shape, kept.indices.shape
+        (torch.Size([3, 10, 2]), torch.Size([3, 10]))
+
+    References:
+        Tack et al., Learning Large-scale Neural Fields via Context Pruned Meta-Learning,
+        NeurIPS 2023, Sec. 2.2 and Appendix B.
+    """
+
+    ratio: float = 0.25
+    score: Score = "gradncp"
+    chunk_size: int | None = None
+    head: str | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise TypeError(f"`ContextPruner.ratio` must be a float, got {self.ratio!r}.")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"`ContextPruner.ratio` must be in (0, 1], got {self.ratio}.")
+        if self.score not in SCORES:
+            raise ValueError(
+                f"`ContextPruner.score` must be one of {list(SCORES)}, got {self.score!r}."
+            )
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise ValueError(
+                f"`ContextPruner.chunk_size` must be a positive int or None, got {self.chunk_size!r}."
+            )
+        if self.head is not None and not isinstance(self.head, str):
+            raise TypeError(
+                f"`ContextPruner.head` must be a module name (str) such as 'net.4', got {self.head!r}."
+            )
+        if self.generator is not None and self.score != "random":
+            raise ValueError(
+                f"`ContextPruner.generator` is only used by score='random', got score={self.score!r}; "
+                "drop the generator or use score='random'."
+            )
+
+    def keep(self, points: int) -> int:
+        """Number of points kept out of ``points``; raises when it would be zero."""
+        k = keep_count(self.ratio, points)
+        if k < 1:
+            raise ValueError(
+                f"`ContextPruner.ratio`={self.ratio} keeps 0 of {points} context points; use "
+                f"ratio >= {1.0 / points:.4g} or more points."
+            )
+        return k
+
+    def scores(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        loss_fn: LossFn = losses.mse,
+    ) -> Tensor:
+        """Scores ``(tasks, points)`` of every context point, computed without a graph.
+
+        Args:
+            model: the user's module.
+            x: context inputs ``(tasks, points, ...)``.
+            y: context targets ``(tasks, points, ...)``.
+            params: per-task parameters (``MetaStepResult.params``, ``ncp.adapt``); default,
+                the model's own parameters for every task.
+            loss_fn: per-point loss.
+        """
+        check_pair(x, y)
+        check_device(model, x, y)
+        if params is None:
+            params = init_params(model, x.shape[0], detach=True)
+        else:
+            check_params(model, params, x.shape[0])
+        if self.generator is not None and self.generator.device != x.device:
+            raise ValueError(
+                f"`ContextPruner.generator` is on {self.generator.device} but the context is on "
+                f"{x.device}; create it with torch.Generator(device={str(x.device)!r})."
+            )
+        return self._scores(model, params, x, y, loss_fn)
+
+    def _scores(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        loss_fn: LossFn,
+        vmap_tasks: bool = True,
+    ) -> Tensor:
+        return score_points(
+            model,
+            params,
+            x,
+            y,
+            score=self.score,
+            loss_fn=loss_fn,
+            head=self.head,
+            chunk_size=self.chunk_size,
+            generator=self.generator,
+            vmap_tasks=vmap_tasks,
+        )
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        loss_fn: LossFn = losses.mse,
+    ) -> Pruned:
+        """Keep the top-``ratio`` points of each task.
+
+        Returns:
+            :class:`Pruned` with the kept ``x``, ``y`` and their ``indices`` ``(tasks, k)``.
+        """
+        check_pair(x, y)
+        k = self.keep(x.shape[1])
+        s = self.scores(model, x, y, params=params, loss_fn=loss_fn)
+        idx = top_k_indices(s, k)
+        return Pruned(gather_points(x, idx), gather_points(y, idx), idx)

@@ -1,0 +1,288 @@
+"""Per-point importance scores (never selection: see ``_pruning``).
+
+The GradNCP score of a context point is the norm of the gradient of that point's loss with
+respect to the parameters of the model's last layer (the *head*), paper Eq. (2) and Appendix B.
+For a linear head ``z = W phi + b`` the per-point gradient is ``dl/dz phi^T`` for ``W`` and
+``dl/dz`` for ``b``, so its norm factorises without building any per-point gradient tensor:
+
+    ||g|| = ||dl/dz|| * sqrt(||phi||^2 + 1)
+
+``dl/dz`` comes from autograd through whatever follows the head (an activation, the loss), so
+the same code covers MSE, a sigmoid after the head and cross-entropy. Other head types get the
+exact per-point gradient norm through ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Literal, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from ._params import (
+    forward_hooks,
+    head_params,
+    parametrised_modules,
+    single_forward,
+    task_forward,
+    task_slice,
+)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Score = Literal["gradncp", "loss", "random"]
+SCORES: Tuple[str, ...] = ("gradncp", "loss", "random")
+
+
+def linear_head_score(
+    phi: Tensor, dl_dz: Tensor, *, weight: bool = True, bias: bool = True
+) -> Tensor:
+    """Closed-form last-layer gradient norm for a linear head (paper Eq. 2).
+
+    Args:
+        phi: head inputs, ``(points, features)``.
+        dl_dz: gradient of each point's loss w.r.t. the head output, ``(points, outputs)``.
+        weight: include the weight's gradient ``dl/dz phi^T``.
+        bias: include the bias's gradient ``dl/dz``.
+
+    Returns:
+        ``(points,)`` scores, in at least float32.
+    """
+    dtype = torch.promote_types(phi.dtype, torch.float32)
+    g2 = dl_dz.to(dtype).pow(2).sum(-1)
+    factor = torch.zeros_like(g2)
+    if weight:
+        factor = factor + phi.to(dtype).pow(2).sum(-1)
+    if bias:
+        factor = factor + 1.0
+    return (g2 * factor).sqrt()
+
+
+def find_head(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> str:
+    """Name of the last leaf module with trainable parameters that ``model``'s forward calls.
+
+    Args:
+        model: the user's module.
+        params: one task's parameters (no task dimension).
+        x: a few points of one task, ``(points, ...)``.
+    """
+    candidates = {
+        name: module
+        for name, module in parametrised_modules(model)
+        if not any(True for _ in module.children())
+    }
+    order: list = []
+    with torch.no_grad(), forward_hooks(candidates, lambda name, *_: order.append(name)):
+        single_forward(model, params, x)
+    if not order:
+        raise ValueError(
+            "no linear/conv head found: the forward pass calls no leaf module with trainable "
+            "parameters. Pass ContextPruner(head='<module name>') naming the last layer, or use "
+            "ContextPruner(score='loss')."
+        )
+    return order[-1]
+
+
+def resolve_head(model: nn.Module, head: str) -> nn.Module:
+    """The module called ``head``, with an error that lists the valid names."""
+    try:
+        module = model.get_submodule(head)
+    except AttributeError:
+        names = [n for n, _ in parametrised_modules(model)]
+        raise ValueError(
+            f"`ContextPruner.head`={head!r} is not a submodule of the model; modules with "
+            f"trainable parameters are {names}."
+        ) from None
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        raise ValueError(
+            f"`ContextPruner.head`={head!r} owns no trainable parameters; name the model's last "
+            "layer (e.g. the final nn.Linear)."
+        )
+    return module
+
+
+def _head_io(
+    model: nn.Module,
+    head: str,
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+) -> Tuple[Tensor, Tensor]:
+    """Head input ``phi`` and ``dl/dz`` for one task's points, with no graph through the body.
+
+    A forward hook swaps the head's output for a detached leaf ``z``; the parameters are
+    detached too, so autograd records only what follows the head (activation, loss).
+    """
+    seen: Dict[str, Tensor] = {}
+
+    def hook(_name: str, _mod: nn.Module, inputs: tuple, output: object) -> Tensor:
+        if "z" in seen:
+            raise ValueError(
+                f"the head module '{head}' is called more than once per forward pass; "
+                "GradNCP scoring needs a single call. Name another layer with "
+                "ContextPruner(head=...) or use score='loss'."
+            )
+        if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+            raise ValueError(
+                f"the head module '{head}' must take one tensor and return one tensor for "
+                "GradNCP scoring; use score='loss' or name another layer with head=..."
+            )
+        seen["phi"] = inputs[0].detach()
+        seen["z"] = output.detach().requires_grad_(True)
+        return seen["z"]
+
+    detached = {k: v.detach() for k, v in params.items()}
+    with torch.enable_grad(), forward_hooks({head: module}, hook):
+        out = single_forward(model, detached, x)
+        losses = loss_fn(out.unsqueeze(0), y.unsqueeze(0))
+    n = x.shape[0]
+    if tuple(losses.shape) != (1, n):
+        raise ValueError(
+            f"`loss_fn` must return per-point losses of shape (tasks, points) = (1, {n}), got "
+            f"{tuple(losses.shape)}. Pass reduction='none' or use ncp.losses.mse / cross_entropy."
+        )
+    if "z" not in seen:
+        raise ValueError(f"the head module '{head}' was not called by the forward pass.")
+    phi, z = seen["phi"], seen["z"]
+    if phi.shape[0] != n or z.shape[0] != n:
+        raise ValueError(
+            f"the head module '{head}' must keep points as its first dimension ({n}), got input "
+            f"{tuple(phi.shape)} and output {tuple(z.shape)}; use score='loss' for this model."
+        )
+    (dz,) = torch.autograd.grad(losses.sum(), z, allow_unused=True)
+    if dz is None:
+        raise ValueError(f"the loss does not depend on the output of the head module '{head}'.")
+    return phi, dz
+
+
+def _exact_head_score(
+    module: nn.Module, hparams: Mapping[str, Tensor], phi: Tensor, dz: Tensor
+) -> Tensor:
+    """Exact per-point norm of ``d l_j / d theta_head`` through ``torch.func`` (any head type)."""
+
+    def contracted(hp: Dict[str, Tensor], phi_j: Tensor, g_j: Tensor) -> Tensor:
+        z = functional_call(module, hp, (phi_j.unsqueeze(0),)).squeeze(0)
+        return (z * g_j).sum()
+
+    hp = {k: v.detach() for k, v in hparams.items()}
+    per_point = vmap(grad(contracted), in_dims=(None, 0, 0))(hp, phi, dz)
+    dtype = torch.promote_types(phi.dtype, torch.float32)
+    sq = sum(g.flatten(1).to(dtype).pow(2).sum(1) for g in per_point.values())
+    assert isinstance(sq, Tensor)
+    return sq.sqrt()
+
+
+def _chunks(n: int, chunk_size: int | None) -> list:
+    size = n if chunk_size is None else chunk_size
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def gradncp_scores(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: LossFn,
+    head: str,
+    chunk_size: int | None = None,
+    exact: bool = False,
+) -> Tensor:
+    """GradNCP scores ``(tasks, points)`` for per-task ``params`` (see module docstring)."""
+    module = resolve_head(model, head)
+    own = dict(module.named_parameters(recurse=False))
+    closed_form = isinstance(module, nn.Linear) and not exact
+    tasks, n = x.shape[:2]
+    rows = []
+    for i in range(tasks):
+        p_i = task_slice(params, i)
+        hp = head_params(p_i, head)
+        parts = []
+        for sl in _chunks(n, chunk_size):
+            phi, dz = _head_io(model, head, module, p_i, x[i, sl], y[i, sl], loss_fn)
+            if closed_form and phi.dim() == 2:
+                parts.append(
+                    linear_head_score(
+                        phi,
+                        dz,
+                        weight="weight" in hp,
+                        bias=own.get("bias") is not None and "bias" in hp,
+                    )
+                )
+            else:
+                parts.append(_exact_head_score(module, hp, phi, dz))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def loss_scores(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: LossFn,
+    chunk_size: int | None = None,
+    vmap_tasks: bool = True,
+) -> Tensor:
+    """Per-point losses as scores ``(tasks, points)`` (the paper's loss-based baseline)."""
+    detached = {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        parts = [
+            loss_fn(task_forward(model, detached, x[:, sl], vmap_tasks=vmap_tasks), y[:, sl])
+            for sl in _chunks(x.shape[1], chunk_size)
+        ]
+    scores = torch.cat(parts, dim=1)
+    return scores.to(torch.promote_types(scores.dtype, torch.float32))
+
+
+def random_scores(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform random scores ``(tasks, points)``: pruning to a random subset."""
+    return torch.rand(x.shape[:2], generator=generator, device=x.device)
+
+
+def score_points(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    score: str = "gradncp",
+    loss_fn: LossFn,
+    head: str | None = None,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    vmap_tasks: bool = True,
+    exact: bool = False,
+) -> Tensor:
+    """Score every context point of every task; higher means more worth keeping.
+
+    Args:
+        model: the user's module.
+        params: per-task parameters, ``(tasks, *shape)`` each.
+        x: context inputs ``(tasks, points, ...)``.
+        y: context targets ``(tasks, points, ...)``.
+        score: ``"gradncp"``, ``"loss"`` or ``"random"``.
+        loss_fn: per-point loss, ``(tasks, points)``.
+        head: module name of the last layer for ``"gradncp"``; found automatically when None.
+        chunk_size: score at most this many points per forward pass.
+        generator: random source for ``"random"``.
+        vmap_tasks: vectorise the loss score over tasks with ``torch.func.vmap``.
+        exact: for ``"gradncp"``, skip the closed form and differentiate the head per point.
+
+    Returns:
+        ``(tasks, points)`` scores, no graph attached.
+    """
+    if score == "random":
+        return random_scores(x, generator)
+    if score == "loss":
+        return loss_scores(
+            model, params, x, y, loss_fn=loss_fn, chunk_size=chunk_size, vmap_tasks=vmap_tasks
+        )
+    if head is None:
+        head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
+    return gradncp_scores(
+        model, params, x, y, loss_fn=loss_fn, head=head, chunk_size=chunk_size, exact=exact
+    )
