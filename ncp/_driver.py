@@ -194,14 +194,15 @@ def meta_step(
     inner_losses = torch.stack(inner)
     check_finite(inner_losses, "inner")
 
-    query_loss = task_losses(model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks)
-    total = query_loss
+    # The bootstrap target is built before the query pass: its transient full-context graph
+    # is then freed before the query graph exists, so the two never add up in the peak.
     boot_loss, target = None, None
     if cfg.bootstrap is not None:
         boot_loss, target = cfg.bootstrap(
             model, params, cx, cy, loss_fn=loss_fn, vmap_tasks=cfg.vmap_tasks
         )
-        total = total + boot_loss.to(total.dtype)
+    query_loss = task_losses(model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks)
+    total = query_loss if boot_loss is None else query_loss + boot_loss.to(query_loss.dtype)
     return MetaStepResult(
         loss=total.mean(),
         query_loss=query_loss,

@@ -53,7 +53,7 @@ def task_gradients(
                 f"parameter '{name}' got no gradient from the inner loss; freeze it "
                 "(requires_grad=False) or exclude it from the model's forward pass."
             )
-    return dict(zip(names, grads, strict=True)), losses  # type: ignore[arg-type]
+    return dict(zip(names, grads, strict=True)), losses
 
 
 def sgd_update(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: float) -> Params:
