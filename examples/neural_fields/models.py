@@ -5,6 +5,7 @@ They are plain ``nn.Module`` s: ncp needs nothing special from a model.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -51,7 +52,7 @@ class Siren(nn.Module):
             raise ValueError(f"`layers` must be >= 2, got {layers}.")
         dims = [in_features] + [hidden] * (layers - 1)
         blocks: list = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
             linear = nn.Linear(d_in, d_out)
             bound = 1.0 / d_in if i == 0 else math.sqrt(6.0 / d_in) / w0
             nn.init.uniform_(linear.weight, -bound, bound)
@@ -94,7 +95,7 @@ class FourierFeatureMLP(nn.Module):
         self.register_buffer("freqs", torch.randn(in_features, features, generator=g) * scale)
         dims = [2 * features] + [hidden] * (layers - 1)
         blocks: list = []
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+        for d_in, d_out in itertools.pairwise(dims):
             blocks += [nn.Linear(d_in, d_out), nn.ReLU()]
         blocks.append(nn.Linear(hidden, out_features))
         self.net = nn.Sequential(*blocks)
