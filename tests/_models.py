@@ -1,0 +1,74 @@
+"""Small models covering the kinds of nn.Module ncp must wrap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(d_in: int = 2, d_out: int = 1, hidden: int = 16, bias: bool = True) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+        nn.Linear(hidden, d_out, bias=bias),
+    )
+
+
+class SigmoidHead(nn.Module):
+    """An activation after the head: the score must differentiate through it."""
+
+    def __init__(self, d_in: int = 2, d_out: int = 3, hidden: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.body(x)))
+
+
+class Frozen(nn.Module):
+    """A frozen random-feature layer in front of a trainable MLP, plus a buffer."""
+
+    def __init__(self, d_in: int = 2, d_out: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Linear(d_in, 12)
+        self.features.requires_grad_(False)
+        self.register_buffer("scale", torch.tensor(1.5))
+        self.net = nn.Sequential(nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(x) * self.scale)
+
+
+class Conv4(nn.Module):
+    """A small Conv4-style image classifier (GroupNorm; points are images)."""
+
+    def __init__(self, classes: int = 3, channels: int = 4, norm: str = "group") -> None:
+        super().__init__()
+        blocks = []
+        c_in = 1
+        for _ in range(2):
+            norm_layer = (
+                nn.GroupNorm(2, channels)
+                if norm == "group"
+                else nn.BatchNorm2d(channels, track_running_stats=(norm == "bn-running"))
+            )
+            blocks += [nn.Conv2d(c_in, channels, 3, padding=1), norm_layer, nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = channels
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels * 2 * 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class ConvHead(nn.Module):
+    """A neural field whose last layer is a 1x1 conv over a per-point feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(2, 8), nn.Tanh())
+        self.head = nn.Conv1d(8, 3, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x).unsqueeze(-1)  # (points, 8, 1)
+        return self.head(h).squeeze(-1)  # (points, 3)

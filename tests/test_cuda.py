@@ -1,0 +1,55 @@
+"""CUDA checks: skipped without a GPU (run them with `pytest -m cuda` on a GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import ncp
+from tests import _models
+
+pytestmark = pytest.mark.cuda
+
+
+def _data(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, 2, generator=g)
+    y = torch.rand(3, 32, 3, generator=g)
+    return x.to(device), y.to(device)
+
+
+def test_meta_step_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    cpu = _models.SigmoidHead(2, 3)
+    gpu = _models.SigmoidHead(2, 3).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    cfg = ncp.MetaConfig(inner_steps=3, pruner=ncp.ContextPruner(ratio=0.5))
+    a = ncp.meta_step(cpu, _data("cpu"), cfg)
+    b = ncp.meta_step(gpu, _data("cuda"), cfg)
+    assert b.loss.device.type == "cuda"
+    assert_close(b.loss.cpu(), a.loss, rtol=1e-4, atol=1e-5)
+    ga = torch.autograd.grad(a.loss, list(cpu.parameters()))
+    gb = torch.autograd.grad(b.loss, list(gpu.parameters()))
+    for u, v in zip(ga, gb, strict=True):
+        assert_close(v.cpu(), u, rtol=1e-3, atol=1e-5)
+
+
+def test_adapt_and_random_scores_on_cuda():
+    torch.manual_seed(0)
+    model = _models.mlp(2, 3).cuda()
+    x, y = _data("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(score="random", generator=gen))
+    params = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler())
+    assert ncp.forward(model, params, x).device.type == "cuda"
+
+
+def test_memory_meter_reads_cuda_peak():
+    torch.manual_seed(0)
+    model = _models.mlp(2, 3).cuda()
+    x, y = _data("cuda")
+    with ncp.MemoryMeter("cuda") as meter:
+        ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=2)).loss.backward()
+    assert meter.peak_cuda_bytes is not None and meter.peak_cuda_bytes > 0
+    assert meter.peak_saved_bytes > 0
