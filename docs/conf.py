@@ -1,6 +1,6 @@
-"""Sphinx configuration for ncp. Build with warnings as errors:
+"""Sphinx configuration for ncp.
 
-    python -m sphinx -W --keep-going -b html docs docs/_build/html
+Build with warnings as errors: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
 """
 
 from __future__ import annotations

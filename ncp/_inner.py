@@ -40,7 +40,8 @@ def task_gradients(
     ``(tasks, ...)`` parameters gives every task its own gradient in one backward pass.
 
     Returns:
-        A pair ``(grads, losses)``: a dict shaped like ``params`` and the ``(tasks,)`` losses.
+        The pair ``(grads, losses)``, a dict shaped like ``params`` and the ``(tasks,)``
+        losses.
     """
     losses = task_losses(model, params, x, y, loss_fn, vmap_tasks=vmap_tasks)
     names = list(params)

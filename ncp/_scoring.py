@@ -194,6 +194,7 @@ def gradncp_scores(
     module = resolve_head(model, head)
     own = dict(module.named_parameters(recurse=False))
     closed_form = isinstance(module, nn.Linear) and not exact
+    x, y = x.detach(), y.detach()
     tasks, n = x.shape[:2]
     rows = []
     for i in range(tasks):

@@ -1,0 +1,302 @@
+"""Time and memory of one outer step: MAML (K=16 and K=4, full context) against GradNCP.
+
+Every variant runs in the same process on the same SIREN (5 linear layers x 256, w0=30) and the
+same batch of smooth random 64x64 RGB images, so the printed ratios compare like with like.
+For each variant:
+
+* **time per outer step**: ``ncp.meta_step`` plus ``loss.backward()``, the median of
+  ``--repeats`` timed steps taken after one untimed warm-up step;
+* **peak saved bytes**: ``ncp.MemoryMeter.peak_saved_bytes`` over the warm-up step (tensors
+  saved for backward; device-independent), and with ``--device cuda`` also
+  ``peak_cuda_bytes`` (the allocator's peak above what was allocated on entry).
+
+The share of a GradNCP step spent scoring context points is measured two ways:
+
+(a) the same GradNCP step with ``ContextPruner(score="random")``: the inner steps, bootstrap
+    and query pass are unchanged in size (the same number of points is kept), and random scores
+    cost next to nothing, so ``(t_gradncp - t_random) / t_gradncp`` is the scoring share;
+(b) ``ContextPruner().scores`` timed alone on the full context (median of ``--repeats`` calls),
+    times the ``K`` calls a step makes, over ``t_gradncp``.
+
+Run ``python benchmarks/bench_meta_step.py --help`` for the flags; the default setup takes a
+few minutes on one CPU thread (MAML K=16 alone is ~40 s a step there and ~5 GB of saved
+tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import Tensor
+
+import ncp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.neural_fields.models import Siren  # noqa: E402
+
+MB = 1e6
+
+
+def image_batch(
+    resolution: int, tasks: int, *, seed: int = 0, waves: int = 6
+) -> tuple[Tensor, Tensor]:
+    """Smooth random RGB images as a neural-field batch.
+
+    Each channel is a sum of ``waves`` plane waves with frequencies of at most 3 periods across
+    the image (amplitude falling as 1/frequency), rescaled to [0, 1]: low-frequency content,
+    not white noise.
+
+    Returns:
+        ``x`` ``(tasks, resolution**2, 2)`` coordinates on ``[-1, 1]^2`` and ``y``
+        ``(tasks, resolution**2, 3)`` values in ``[0, 1]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1.0, 1.0, resolution)
+    coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+    freqs = (torch.rand(tasks, 3, waves, 2, generator=g) * 2 - 1) * 3.0  # periods over [-1, 1]
+    phases = torch.rand(tasks, 3, waves, generator=g) * 2 * math.pi
+    amps = 1.0 / (1.0 + freqs.norm(dim=-1))
+    # (tasks, 3, waves, points) -> (tasks, points, 3)
+    arg = math.pi * torch.einsum("tcwd,pd->tcwp", freqs, coords) + phases[..., None]
+    y = (amps[..., None] * torch.sin(arg)).sum(2).transpose(1, 2)
+    lo, hi = y.amin(1, keepdim=True), y.amax(1, keepdim=True)
+    y = (y - lo) / (hi - lo)
+    x = coords.expand(tasks, -1, -1).contiguous()
+    return x, y.contiguous()
+
+
+@dataclass
+class Measurement:
+    name: str
+    times_s: List[float] = field(default_factory=list)
+    peak_saved_bytes: int = 0
+    peak_cuda_bytes: int | None = None
+
+    @property
+    def time_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+def _synchronize(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure_step(
+    name: str,
+    model: torch.nn.Module,
+    batch: tuple[Tensor, Tensor],
+    cfg: ncp.MetaConfig,
+    *,
+    repeats: int,
+    device: torch.device,
+) -> Measurement:
+    """One metered warm-up step, then ``repeats`` timed steps (meta_step + backward)."""
+    sync = _synchronize(device)
+    result = Measurement(name)
+    with ncp.MemoryMeter(device) as meter:
+        out = ncp.meta_step(model, batch, cfg)
+        out.loss.backward()
+        del out
+    model.zero_grad(set_to_none=True)
+    result.peak_saved_bytes = meter.peak_saved_bytes
+    result.peak_cuda_bytes = meter.peak_cuda_bytes
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        out = ncp.meta_step(model, batch, cfg)
+        out.loss.backward()
+        sync()
+        result.times_s.append(time.perf_counter() - start)
+        del out
+        model.zero_grad(set_to_none=True)
+    return result
+
+
+def time_scores(
+    model: torch.nn.Module,
+    batch: tuple[Tensor, Tensor],
+    pruner: ncp.ContextPruner,
+    *,
+    repeats: int,
+    device: torch.device,
+) -> List[float]:
+    """Seconds per ``pruner.scores`` call on the full context, after one warm-up call."""
+    sync = _synchronize(device)
+    x, y = batch
+    pruner.scores(model, x, y)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        pruner.scores(model, x, y)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run(
+    *, resolution: int, tasks: int, repeats: int, threads: int, device: str, seed: int
+) -> Dict[str, object]:
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = Siren().to(dev)
+    x, y = image_batch(resolution, tasks, seed=seed)
+    batch = (x.to(dev), y.to(dev))
+
+    gradncp = ncp.MetaConfig()  # K=16, ratio 0.25, bootstrap L=5: the paper's setup
+    variants = {
+        "MAML K=16, full context": ncp.MetaConfig(inner_steps=16, pruner=None, bootstrap=None),
+        "MAML K=4, full context": ncp.MetaConfig(inner_steps=4, pruner=None, bootstrap=None),
+        "GradNCP K=16 r=0.25 L=5": gradncp,
+        "  same, score='random'": ncp.MetaConfig(pruner=ncp.ContextPruner(score="random")),
+    }
+    assert gradncp.pruner is not None and gradncp.bootstrap is not None
+
+    # One cheap step first, so one-time costs (thread pools, cuBLAS handles and workspaces)
+    # fall on no variant's warm-up.
+    warm = ncp.meta_step(model, batch, ncp.MetaConfig(inner_steps=1, pruner=None, bootstrap=None))
+    warm.loss.backward()
+    del warm
+    model.zero_grad(set_to_none=True)
+
+    results = {
+        name: measure_step(name, model, batch, cfg, repeats=repeats, device=dev)
+        for name, cfg in variants.items()
+    }
+    score_times = time_scores(model, batch, gradncp.pruner, repeats=repeats, device=dev)
+
+    maml16, maml4, ours, rand = (results[n] for n in variants)
+    k = gradncp.inner_steps
+    return {
+        "setup": {
+            "model": "SIREN 5x256, w0=30, 2->3",
+            "resolution": resolution,
+            "tasks": tasks,
+            "points_per_task": resolution * resolution,
+            "dtype": "float32",
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "seed": seed,
+        },
+        "variants": {
+            m.name.strip(): {
+                "time_s": m.time_s,
+                "times_s": m.times_s,
+                "peak_saved_bytes": m.peak_saved_bytes,
+                "peak_cuda_bytes": m.peak_cuda_bytes,
+            }
+            for m in results.values()
+        },
+        "ratios": {
+            "gradncp/maml16": {
+                "time": ours.time_s / maml16.time_s,
+                "saved_bytes": ours.peak_saved_bytes / maml16.peak_saved_bytes,
+                "cuda_bytes": _ratio(ours.peak_cuda_bytes, maml16.peak_cuda_bytes),
+            },
+            "gradncp/maml4": {
+                "time": ours.time_s / maml4.time_s,
+                "saved_bytes": ours.peak_saved_bytes / maml4.peak_saved_bytes,
+                "cuda_bytes": _ratio(ours.peak_cuda_bytes, maml4.peak_cuda_bytes),
+            },
+        },
+        "scoring": {
+            "random_score_step_time_s": rand.time_s,
+            "share_by_random_score_step": (ours.time_s - rand.time_s) / ours.time_s,
+            "scores_call_time_s": statistics.median(score_times),
+            "scores_calls_per_step": k,
+            "share_by_timed_scores_calls": k * statistics.median(score_times) / ours.time_s,
+        },
+    }
+
+
+def _ratio(a: int | None, b: int | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MB:.1f}"
+
+
+def report(res: Dict[str, object]) -> str:
+    s = res["setup"]
+    v = res["variants"]
+    r = res["ratios"]
+    sc = res["scoring"]
+    assert isinstance(s, dict) and isinstance(v, dict) and isinstance(r, dict)
+    assert isinstance(sc, dict)
+    lines = [
+        f"ncp meta-step benchmark: {s['model']}, {s['resolution']}x{s['resolution']} RGB "
+        f"({s['points_per_task']} points/task), {s['tasks']} tasks, {s['dtype']}",
+        f"torch {s['torch']}, python {s['python']}, device {s['device']} ({s['device_name']}), "
+        f"threads {s['threads']}",
+        f"time: meta_step + backward, median of {s['repeats']} after 1 warm-up; "
+        "memory: peak over the warm-up step (1 MB = 1e6 bytes)",
+        "",
+        f"{'variant':<28}{'time/step (s)':>15}{'peak saved (MB)':>18}{'peak CUDA (MB)':>17}",
+    ]
+    for name, m in v.items():
+        lines.append(
+            f"{name:<28}{m['time_s']:>15.3f}{_mb(m['peak_saved_bytes']):>18}"
+            f"{_mb(m['peak_cuda_bytes']):>17}"
+        )
+    lines += ["", f"{'ratio':<28}{'time':>15}{'saved bytes':>18}{'CUDA bytes':>17}"]
+    for label, key in (("GradNCP / MAML K=16", "gradncp/maml16"), ("GradNCP / MAML K=4", "gradncp/maml4")):
+        q = r[key]
+        cuda = "-" if q["cuda_bytes"] is None else f"{q['cuda_bytes']:.3f}"
+        lines.append(f"{label:<28}{q['time']:>15.3f}{q['saved_bytes']:>18.3f}{cuda:>17}")
+    lines += [
+        "",
+        "share of a GradNCP step spent scoring:",
+        f"  (a) same step with score='random' ({sc['random_score_step_time_s']:.3f} s): "
+        f"(t_gradncp - t_random) / t_gradncp = {sc['share_by_random_score_step']:.1%}",
+        f"  (b) ContextPruner().scores on the full context: {sc['scores_call_time_s']:.4f} s/call "
+        f"x {sc['scores_calls_per_step']} calls / t_gradncp = "
+        f"{sc['share_by_timed_scores_calls']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=64, help="image side (default 64)")
+    parser.add_argument("--tasks", type=int, default=4, help="images per outer step (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or e.g. 'cuda'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and images")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.resolution < 2 or args.tasks < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--resolution >= 2, --tasks >= 1, --repeats >= 1, --threads >= 1")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    results = run(
+        resolution=args.resolution,
+        tasks=args.tasks,
+        repeats=args.repeats,
+        threads=args.threads,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(report(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
