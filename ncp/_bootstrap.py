@@ -48,7 +48,9 @@ class BootstrapMetaLoss:
 
     Args:
         steps: number of target steps ``L`` (paper: 5).
-        lr: learning rate of the target steps (paper: 5e-2).
+        lr: learning rate of the target steps. The default 5e-2 is the value GradNCP is
+            usually run with; Algorithm 1 (line 11) writes the inner rate ``alpha``, so pass
+            ``lr=cfg.inner_lr`` to follow the algorithm literally.
         weight: the paper's ``lambda`` (100).
         squared: use the squared distance instead of the L2 norm.
 
@@ -76,10 +78,16 @@ class BootstrapMetaLoss:
                 f"`BootstrapMetaLoss.steps` must be an int >= 1, got {self.steps!r}; "
                 "pass bootstrap=None to MetaConfig for no bootstrap term."
             )
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"`BootstrapMetaLoss.lr` must be > 0, got {self.lr!r}.")
-        if not isinstance(self.weight, (int, float)) or not self.weight >= 0:
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
+            or not self.weight >= 0
+        ):
             raise ValueError(f"`BootstrapMetaLoss.weight` must be >= 0, got {self.weight!r}.")
+        if not isinstance(self.squared, bool):
+            raise TypeError(f"`BootstrapMetaLoss.squared` must be a bool, got {self.squared!r}.")
 
     def target(
         self,

@@ -28,16 +28,17 @@ from ._validation import check_device, check_finite, check_pair, check_point_los
 
 @dataclass(frozen=True)
 class MetaStepResult:
-    """What :func:`meta_step` computed. Shapes use ``T`` tasks, ``K`` inner steps, ``k`` kept
-    points.
+    """What :func:`meta_step` computed (``steps`` = ``cfg.inner_steps``, ``k`` = kept points).
 
     Attributes:
         loss: scalar outer loss, mean over tasks of ``query_loss + bootstrap_loss``; call
             ``backward()`` on it.
-        query_loss: ``(T,)`` loss of the adapted parameters on the query set.
-        bootstrap_loss: ``(T,)`` weighted bootstrap term, or None without bootstrap.
-        inner_losses: ``(K, T)`` inner loss before each step, on the points used (detached).
-        kept_indices: ``(K, T, k)`` context indices kept at each step, or None without pruning.
+        query_loss: ``(tasks,)`` loss of the adapted parameters on the query set.
+        bootstrap_loss: ``(tasks,)`` weighted bootstrap term, or None without bootstrap.
+        inner_losses: ``(steps, tasks)`` inner loss before each step, on the points used
+            (detached).
+        kept_indices: ``(steps, tasks, k)`` context indices kept at each step, or None without
+            pruning.
         params: adapted per-task parameters ``theta_K`` (attached to the graph).
         bootstrap_target: detached ``theta_boot``, or None without bootstrap.
     """

@@ -38,6 +38,12 @@ class MemoryMeter:
     Args:
         device: the device to read allocator statistics from; only CUDA devices have them.
 
+    Attributes:
+        peak_saved_bytes: the peak described above, in bytes.
+        peak_cuda_bytes: on a CUDA ``device``, the allocator's peak above what was allocated on
+            entry; None otherwise.
+        device: the device given.
+
     Example:
         >>> import torch, ncp
         >>> w = torch.randn(256, 256, requires_grad=True)

@@ -113,7 +113,10 @@ def check_norm_layers(model: nn.Module) -> None:
 
 def per_task_norm(tensors: Mapping[str, Tensor]) -> Tensor:
     """L2 norm over all entries of each task: ``(tasks,)`` from a dict of ``(tasks, ...)``."""
-    squares = [t.flatten(1).float().pow(2).sum(1) for t in tensors.values()]
+    squares = [
+        t.flatten(1).to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum(1)
+        for t in tensors.values()
+    ]
     return torch.stack(squares).sum(0).sqrt()
 
 

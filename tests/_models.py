@@ -8,7 +8,10 @@ from torch import nn
 
 def mlp(d_in: int = 2, d_out: int = 1, hidden: int = 16, bias: bool = True) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+        nn.Linear(d_in, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
         nn.Linear(hidden, d_out, bias=bias),
     )
 
@@ -52,7 +55,12 @@ class Conv4(nn.Module):
                 if norm == "group"
                 else nn.BatchNorm2d(channels, track_running_stats=(norm == "bn-running"))
             )
-            blocks += [nn.Conv2d(c_in, channels, 3, padding=1), norm_layer, nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(c_in, channels, 3, padding=1),
+                norm_layer,
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c_in = channels
         self.features = nn.Sequential(*blocks)
         self.head = nn.Linear(channels * 2 * 2, classes)

@@ -54,7 +54,9 @@ def test_term_is_weighted_unsquared_l2_and_squared_option():
     b = {"w": torch.zeros(2, 2), "b": torch.zeros(2, 1)}
     assert_close(parameter_distance(a, b), torch.tensor([5.0, 2.0**0.5]))
     assert_close(parameter_distance(a, b, squared=True), torch.tensor([25.0, 2.0]))
-    assert_close(ncp.BootstrapMetaLoss(weight=3.0).distance(a, b), torch.tensor([15.0, 3 * 2.0**0.5]))
+    assert_close(
+        ncp.BootstrapMetaLoss(weight=3.0).distance(a, b), torch.tensor([15.0, 3 * 2.0**0.5])
+    )
 
 
 def test_zero_distance_has_zero_gradient_not_nan():
@@ -67,7 +69,10 @@ def test_zero_distance_has_zero_gradient_not_nan():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(steps=0), r"`BootstrapMetaLoss.steps` must be an int >= 1, got 0; pass bootstrap=None"),
+        (
+            dict(steps=0),
+            r"`BootstrapMetaLoss.steps` must be an int >= 1, got 0; pass bootstrap=None",
+        ),
         (dict(lr=0), r"`BootstrapMetaLoss.lr` must be > 0, got 0"),
         (dict(weight=-1.0), r"`BootstrapMetaLoss.weight` must be >= 0, got -1.0"),
     ],

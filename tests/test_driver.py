@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch.testing import assert_close
 
 import ncp
@@ -89,8 +88,19 @@ def test_pruned_step_matches_reference_with_exact_scores():
     )
     out = ncp.meta_step(model, (x, y), cfg)
     ref = _reference.meta_step(
-        model, x, y, x, y, loss_fn=ncp.losses.mse, steps=3, lr=0.5, ratio=0.3,
-        head_names=["4.weight", "4.bias"], boot_steps=2, boot_lr=0.1, weight=3.0,
+        model,
+        x,
+        y,
+        x,
+        y,
+        loss_fn=ncp.losses.mse,
+        steps=3,
+        lr=0.5,
+        ratio=0.3,
+        head_names=["4.weight", "4.bias"],
+        boot_steps=2,
+        boot_lr=0.1,
+        weight=3.0,
     )
     assert out.kept_indices is not None and out.kept_indices.shape == (3, 3, 6)
     for t in range(3):
@@ -118,7 +128,11 @@ def test_vmap_and_loop_over_tasks_agree():
     model = seeded(_models.mlp)
     x, y = data()
     outs = [
-        ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=2, vmap_tasks=v, bootstrap=ncp.BootstrapMetaLoss(steps=1)))
+        ncp.meta_step(
+            model,
+            (x, y),
+            ncp.MetaConfig(inner_steps=2, vmap_tasks=v, bootstrap=ncp.BootstrapMetaLoss(steps=1)),
+        )
         for v in (True, False)
     ]
     assert_close(outs[0].loss, outs[1].loss, **F64)
@@ -255,7 +269,9 @@ def test_adapt_without_rescaler_is_plain_full_context_sgd():
     model = seeded(_models.mlp)
     x, y = data()
     params = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=3, lr=0.2)
-    ref = _reference.meta_step(model, x, y, x, y, loss_fn=ncp.losses.mse, steps=3, lr=0.2, first_order=True)
+    ref = _reference.meta_step(
+        model, x, y, x, y, loss_fn=ncp.losses.mse, steps=3, lr=0.2, first_order=True
+    )
     for t in range(x.shape[0]):
         for n, v in ref["params"][t].items():
             assert_close(params[n][t], v.detach(), **F64)
@@ -272,10 +288,18 @@ def test_adapt_with_grad_rescaler_matches_equation_4():
         p = {n: v.detach().clone() for n, v in model.named_parameters()}
         for _ in range(2):
             leaves = {n: v.requires_grad_(True) for n, v in p.items()}
-            s = _reference.exact_scores(model, leaves, x[t], y[t], ncp.losses.mse, ["4.weight", "4.bias"])
+            s = _reference.exact_scores(
+                model, leaves, x[t], y[t], ncp.losses.mse, ["4.weight", "4.bias"]
+            )
             idx = torch.argsort(s, descending=True)[:5]
-            full = torch.autograd.grad(_reference.point_losses(model, leaves, x[t], y[t], ncp.losses.mse).mean(), list(leaves.values()))
-            pruned = torch.autograd.grad(_reference.point_losses(model, leaves, x[t][idx], y[t][idx], ncp.losses.mse).mean(), list(leaves.values()))
+            full = torch.autograd.grad(
+                _reference.point_losses(model, leaves, x[t], y[t], ncp.losses.mse).mean(),
+                list(leaves.values()),
+            )
+            pruned = torch.autograd.grad(
+                _reference.point_losses(model, leaves, x[t][idx], y[t][idx], ncp.losses.mse).mean(),
+                list(leaves.values()),
+            )
             step = _reference.rescaled_step(full, pruned)
             p = {n: (leaves[n] - 0.1 * g).detach() for n, g in zip(names, step, strict=True)}
         for n in names:
@@ -314,7 +338,12 @@ def test_meta_learned_init_beats_random_after_adaptation():
         x = torch.linspace(-1, 1, 32).view(1, -1, 1).expand(n, -1, -1)
         return x, amp * torch.sin(3 * x + phase)
 
-    cfg = ncp.MetaConfig(inner_steps=4, inner_lr=0.1, pruner=ncp.ContextPruner(ratio=0.5), bootstrap=ncp.BootstrapMetaLoss(steps=2, weight=1.0))
+    cfg = ncp.MetaConfig(
+        inner_steps=4,
+        inner_lr=0.1,
+        pruner=ncp.ContextPruner(ratio=0.5),
+        bootstrap=ncp.BootstrapMetaLoss(steps=2, weight=1.0),
+    )
     xt, yt = tasks(16, 99)
 
     def test_loss():

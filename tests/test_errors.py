@@ -19,7 +19,10 @@ def model_and_data(points=16):
 
 def test_mismatched_x_y():
     model, x, y = model_and_data()
-    with pytest.raises(ValueError, match=r"`x` and `y` must share their leading \(tasks, points\) dimensions, got \(2, 16, 2\) and \(2, 15, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`x` and `y` must share their leading \(tasks, points\) dimensions, got \(2, 16, 2\) and \(2, 15, 1\)",
+    ):
         ncp.meta_step(model, (x, y[:, :15]), CFG)
     with pytest.raises(ValueError, match=r"`context_x` and `context_y`"):
         ncp.meta_step(model, (x, y[:, :15], x, y), CFG)
@@ -29,7 +32,9 @@ def test_mismatched_x_y():
 
 def test_x_without_points_dim():
     model, x, y = model_and_data()
-    with pytest.raises(ValueError, match=r"`x` must have shape \(tasks, points, ...\), got \(16,\)"):
+    with pytest.raises(
+        ValueError, match=r"`x` must have shape \(tasks, points, ...\), got \(16,\)"
+    ):
         ncp.meta_step(model, (x[0, :, 0], y[0, :, 0]), CFG)
 
 
@@ -45,7 +50,10 @@ def test_scalar_loss():
     def mean_loss(pred, target):
         return ((pred - target) ** 2).mean()
 
-    with pytest.raises(ValueError, match=r"`loss_fn` must return per-point losses of shape \(2, 8\), got \(\). Pass reduction='none'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`loss_fn` must return per-point losses of shape \(2, 8\), got \(\). Pass reduction='none'",
+    ):
         ncp.meta_step(model, (x, y), CFG, loss_fn=mean_loss)
 
 
@@ -67,7 +75,11 @@ def test_non_finite_inner_loss():
 def test_diverging_inner_loop():
     model, x, y = model_and_data()
     with pytest.raises(FloatingPointError, match=r"non-finite inner loss.*Lower `inner_lr`"):
-        ncp.meta_step(model, (x, y * 1e3), ncp.MetaConfig(inner_steps=12, inner_lr=1e4, pruner=None, bootstrap=None))
+        ncp.meta_step(
+            model,
+            (x, y * 1e3),
+            ncp.MetaConfig(inner_steps=12, inner_lr=1e4, pruner=None, bootstrap=None),
+        )
 
 
 def test_params_dict_mismatch():
@@ -97,13 +109,17 @@ def test_unused_parameter():
             return self.used(x)
 
     _, x, y = model_and_data()
-    with pytest.raises(ValueError, match=r"parameter 'spare.weight' got no gradient from the inner loss; freeze it"):
+    with pytest.raises(
+        ValueError, match=r"parameter 'spare.weight' got no gradient from the inner loss; freeze it"
+    ):
         ncp.meta_step(Unused(), (x, y), ncp.MetaConfig(inner_steps=1, pruner=None, bootstrap=None))
 
 
 def test_device_mismatch():
     model, x, y = model_and_data()
-    with pytest.raises(ValueError, match=r"the model's parameters are on cpu but an input is on meta"):
+    with pytest.raises(
+        ValueError, match=r"the model's parameters are on cpu but an input is on meta"
+    ):
         ncp.meta_step(model, (x.to("meta"), y.to("meta")), CFG)
 
 
@@ -117,8 +133,12 @@ def test_all_parameters_frozen():
 @pytest.mark.cuda
 def test_generator_on_wrong_device():
     model, x, y = model_and_data()
-    cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(score="random", generator=torch.Generator(device="cuda")))
-    with pytest.raises(ValueError, match=r"`ContextPruner.generator` is on cuda(:0)? but the context is on cpu"):
+    cfg = ncp.MetaConfig(
+        pruner=ncp.ContextPruner(score="random", generator=torch.Generator(device="cuda"))
+    )
+    with pytest.raises(
+        ValueError, match=r"`ContextPruner.generator` is on cuda(:0)? but the context is on cpu"
+    ):
         ncp.meta_step(model, (x, y), cfg)
 
 
@@ -130,7 +150,10 @@ def test_generator_on_wrong_device():
         (dict(inner_lr=-1.0), r"`MetaConfig.inner_lr` must be a number > 0, got -1.0"),
         (dict(first_order=1), r"`MetaConfig.first_order` must be a bool, got 1"),
         (dict(pruner=0.25), r"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got float"),
-        (dict(bootstrap=5), r"`MetaConfig.bootstrap` must be an ncp.BootstrapMetaLoss or None, got int"),
+        (
+            dict(bootstrap=5),
+            r"`MetaConfig.bootstrap` must be an ncp.BootstrapMetaLoss or None, got int",
+        ),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -154,5 +177,8 @@ def test_wrong_cfg_type_and_adapt_arguments():
 
 
 def test_mse_shape_mismatch_names_the_fix():
-    with pytest.raises(ValueError, match=r"`ncp.losses.mse` needs pred and target of the same shape, got \(2, 3, 1\) and \(2, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`ncp.losses.mse` needs pred and target of the same shape, got \(2, 3, 1\) and \(2, 3\)",
+    ):
         ncp.losses.mse(torch.zeros(2, 3, 1), torch.zeros(2, 3))

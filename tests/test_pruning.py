@@ -85,7 +85,10 @@ def test_gradncp_keeps_the_worst_fitted_points():
 
 
 def test_pruner_keep_zero_raises():
-    with pytest.raises(ValueError, match=r"`ContextPruner.ratio`=0.01 keeps 0 of 64 context points; use ratio >= 0.01562"):
+    with pytest.raises(
+        ValueError,
+        match=r"`ContextPruner.ratio`=0.01 keeps 0 of 64 context points; use ratio >= 0.01562",
+    ):
         ncp.ContextPruner(ratio=0.01).keep(64)
 
 
@@ -95,7 +98,10 @@ def test_pruner_keep_zero_raises():
         (dict(ratio=1.5), r"`ContextPruner.ratio` must be in \(0, 1\], got 1.5"),
         (dict(ratio=0.0), r"`ContextPruner.ratio` must be in \(0, 1\], got 0.0"),
         (dict(ratio="a"), r"`ContextPruner.ratio` must be a float"),
-        (dict(score="grad"), r"`ContextPruner.score` must be one of \['gradncp', 'loss', 'random'\], got 'grad'"),
+        (
+            dict(score="grad"),
+            r"`ContextPruner.score` must be one of \['gradncp', 'loss', 'random'\], got 'grad'",
+        ),
         (dict(chunk_size=0), r"`ContextPruner.chunk_size` must be a positive int or None, got 0"),
         (dict(generator=torch.Generator()), r"only used by score='random'"),
     ],

@@ -17,7 +17,10 @@ from tests import _models, _reference
 def exact(model, x, y, loss_fn, head_names):
     params = dict(model.named_parameters())
     return torch.stack(
-        [_reference.exact_scores(model, params, x[t], y[t], loss_fn, head_names) for t in range(x.shape[0])]
+        [
+            _reference.exact_scores(model, params, x[t], y[t], loss_fn, head_names)
+            for t in range(x.shape[0])
+        ]
     )
 
 
@@ -73,7 +76,9 @@ def test_closed_form_equals_exact_with_sigmoid_after_head(shape):
 def test_closed_form_equals_exact_for_cross_entropy(shape):
     tasks, points, d_in, d_out, hidden, seed = shape
     model, x, _, names = make((tasks, points, d_in, d_out + 1, hidden, seed))
-    labels = torch.randint(0, d_out + 1, (tasks, points), generator=torch.Generator().manual_seed(seed))
+    labels = torch.randint(
+        0, d_out + 1, (tasks, points), generator=torch.Generator().manual_seed(seed)
+    )
     ce = ncp.losses.cross_entropy
     assert_close(closed(model, x, labels, ce), exact(model, x, labels, ce, names))
 
@@ -105,7 +110,10 @@ def test_conv_head_uses_exact_per_point_gradient():
 def test_scores_use_the_given_per_task_params():
     model, x, y, names = make((2, 6, 2, 1, 5, 3))
     params = init_params(model, 2, detach=True)
-    params = {k: v + 0.1 * torch.arange(2, dtype=v.dtype).view(-1, *[1] * (v.dim() - 1)) for k, v in params.items()}
+    params = {
+        k: v + 0.1 * torch.arange(2, dtype=v.dtype).view(-1, *[1] * (v.dim() - 1))
+        for k, v in params.items()
+    }
     got = ncp.ContextPruner().scores(model, x, y, params=params)
     for t in range(2):
         p_t = {k: v[t] for k, v in params.items()}
@@ -123,9 +131,15 @@ def test_loss_score_is_the_per_point_loss():
 
 def test_random_score_follows_generator():
     model, x, y, _ = make((2, 9, 2, 3, 5, 1))
-    a = closed(model, x, y, ncp.losses.mse, score="random", generator=torch.Generator().manual_seed(5))
-    b = closed(model, x, y, ncp.losses.mse, score="random", generator=torch.Generator().manual_seed(5))
-    c = closed(model, x, y, ncp.losses.mse, score="random", generator=torch.Generator().manual_seed(6))
+    a = closed(
+        model, x, y, ncp.losses.mse, score="random", generator=torch.Generator().manual_seed(5)
+    )
+    b = closed(
+        model, x, y, ncp.losses.mse, score="random", generator=torch.Generator().manual_seed(5)
+    )
+    c = closed(
+        model, x, y, ncp.losses.mse, score="random", generator=torch.Generator().manual_seed(6)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -143,10 +157,12 @@ def test_find_head_is_last_parametrised_layer_called():
 
 
 def test_head_by_name_and_unknown_head():
-    model, x, y, names = make((1, 5, 2, 1, 4, 0))
+    model, x, y, _names = make((1, 5, 2, 1, 4, 0))
     by_name = ncp.ContextPruner(head="2").scores(model, x, y)
     assert_close(by_name, exact(model, x, y, ncp.losses.mse, ["2.weight", "2.bias"]))
-    with pytest.raises(ValueError, match=r"`ContextPruner.head`='nope' is not a submodule.*\['0', '2', '4'\]"):
+    with pytest.raises(
+        ValueError, match=r"`ContextPruner.head`='nope' is not a submodule.*\['0', '2', '4'\]"
+    ):
         ncp.ContextPruner(head="nope").scores(model, x, y)
     with pytest.raises(ValueError, match="owns no trainable parameters"):
         ncp.ContextPruner(head="1").scores(model, x, y)
@@ -187,4 +203,6 @@ def test_linear_head_score_formula():
     g = torch.tensor([[1.0, 2.0]])
     s = ncp.functional.linear_head_score(phi, g)
     assert_close(s, torch.tensor([5.0**0.5 * 26.0**0.5]))
-    assert_close(ncp.functional.linear_head_score(phi, g, bias=False), torch.tensor([5.0**0.5 * 5.0]))
+    assert_close(
+        ncp.functional.linear_head_score(phi, g, bias=False), torch.tensor([5.0**0.5 * 5.0])
+    )
