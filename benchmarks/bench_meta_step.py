@@ -4,22 +4,23 @@ Every variant runs in the same process on the same SIREN (5 linear layers x 256,
 same batch of smooth random 64x64 RGB images, so the printed ratios compare like with like.
 For each variant:
 
+* **peak saved bytes**: ``ncp.MemoryMeter.peak_saved_bytes`` over one untimed warm-up step
+  (tensors saved for backward; device-independent), and with ``--device cuda`` also
+  ``peak_cuda_bytes`` (the allocator's peak above what was allocated on entry);
 * **time per outer step**: ``ncp.meta_step`` plus ``loss.backward()``, the median of
-  ``--repeats`` timed steps taken after one untimed warm-up step;
-* **peak saved bytes**: ``ncp.MemoryMeter.peak_saved_bytes`` over the warm-up step (tensors
-  saved for backward; device-independent), and with ``--device cuda`` also
-  ``peak_cuda_bytes`` (the allocator's peak above what was allocated on entry).
+  ``--repeats`` timed steps (the minimum is printed too). The timed steps go round-robin over
+  the variants, so that a change in the machine's load hits every variant alike.
 
 The share of a GradNCP step spent scoring context points is measured two ways:
 
 (a) the same GradNCP step with ``ContextPruner(score="random")``: the inner steps, bootstrap
     and query pass are unchanged in size (the same number of points is kept), and random scores
     cost next to nothing, so ``(t_gradncp - t_random) / t_gradncp`` is the scoring share;
-(b) ``ContextPruner().scores`` timed alone on the full context (median of ``--repeats`` calls),
-    times the ``K`` calls a step makes, over ``t_gradncp``.
+(b) the ``K`` calls of ``ContextPruner().scores`` that a step makes, timed alone on the full
+    context at the initial parameters (median over ``--repeats``), over ``t_gradncp``.
 
-Run ``python benchmarks/bench_meta_step.py --help`` for the flags; the default setup takes a
-few minutes on one CPU thread (MAML K=16 alone is ~40 s a step there and ~5 GB of saved
+Run ``python benchmarks/bench_meta_step.py --help`` for the flags; the default setup takes
+about 3 minutes on one CPU thread (MAML K=16 alone is ~20 s a step there and ~5.3 GB of saved
 tensors).
 """
 
@@ -41,7 +42,7 @@ from torch import Tensor
 import ncp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.neural_fields.models import Siren  # noqa: E402
+from examples.neural_fields.models import Siren
 
 MB = 1e6
 
@@ -85,6 +86,10 @@ class Measurement:
     def time_s(self) -> float:
         return statistics.median(self.times_s)
 
+    @property
+    def min_time_s(self) -> float:
+        return min(self.times_s)
+
 
 def _synchronize(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
@@ -92,57 +97,35 @@ def _synchronize(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def measure_step(
+def metered_step(
     name: str,
     model: torch.nn.Module,
     batch: tuple[Tensor, Tensor],
     cfg: ncp.MetaConfig,
-    *,
-    repeats: int,
     device: torch.device,
 ) -> Measurement:
-    """One metered warm-up step, then ``repeats`` timed steps (meta_step + backward)."""
-    sync = _synchronize(device)
-    result = Measurement(name)
+    """The untimed warm-up step of a variant, under ``MemoryMeter``."""
     with ncp.MemoryMeter(device) as meter:
         out = ncp.meta_step(model, batch, cfg)
         out.loss.backward()
         del out
     model.zero_grad(set_to_none=True)
-    result.peak_saved_bytes = meter.peak_saved_bytes
-    result.peak_cuda_bytes = meter.peak_cuda_bytes
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = ncp.meta_step(model, batch, cfg)
-        out.loss.backward()
-        sync()
-        result.times_s.append(time.perf_counter() - start)
-        del out
-        model.zero_grad(set_to_none=True)
-    return result
+    return Measurement(name, [], meter.peak_saved_bytes, meter.peak_cuda_bytes)
 
 
-def time_scores(
-    model: torch.nn.Module,
-    batch: tuple[Tensor, Tensor],
-    pruner: ncp.ContextPruner,
-    *,
-    repeats: int,
-    device: torch.device,
-) -> List[float]:
-    """Seconds per ``pruner.scores`` call on the full context, after one warm-up call."""
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``fn`` takes, synchronising CUDA around it."""
     sync = _synchronize(device)
-    x, y = batch
-    pruner.scores(model, x, y)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        pruner.scores(model, x, y)
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def outer_step(model: torch.nn.Module, batch: tuple[Tensor, Tensor], cfg: ncp.MetaConfig) -> None:
+    out = ncp.meta_step(model, batch, cfg)
+    out.loss.backward()
 
 
 def run(
@@ -160,7 +143,7 @@ def run(
         "MAML K=16, full context": ncp.MetaConfig(inner_steps=16, pruner=None, bootstrap=None),
         "MAML K=4, full context": ncp.MetaConfig(inner_steps=4, pruner=None, bootstrap=None),
         "GradNCP K=16 r=0.25 L=5": gradncp,
-        "  same, score='random'": ncp.MetaConfig(pruner=ncp.ContextPruner(score="random")),
+        "GradNCP, score='random'": ncp.MetaConfig(pruner=ncp.ContextPruner(score="random")),
     }
     assert gradncp.pruner is not None and gradncp.bootstrap is not None
 
@@ -171,14 +154,24 @@ def run(
     del warm
     model.zero_grad(set_to_none=True)
 
-    results = {
-        name: measure_step(name, model, batch, cfg, repeats=repeats, device=dev)
-        for name, cfg in variants.items()
-    }
-    score_times = time_scores(model, batch, gradncp.pruner, repeats=repeats, device=dev)
+    results = {name: metered_step(name, model, batch, cfg, dev) for name, cfg in variants.items()}
+    pruner, k = gradncp.pruner, gradncp.inner_steps
+    x, y = batch
+    pruner.scores(model, x, y)  # warm-up
+
+    def scoring() -> None:  # the K scoring calls of one GradNCP step, on the full context
+        for _ in range(k):
+            pruner.scores(model, x, y)
+
+    # Round-robin over the variants, so that a change in machine load hits all of them alike.
+    score_times = []
+    for _ in range(repeats):
+        for name, cfg in variants.items():
+            results[name].times_s.append(timed(lambda cfg=cfg: outer_step(model, batch, cfg), dev))
+            model.zero_grad(set_to_none=True)
+        score_times.append(timed(scoring, dev))
 
     maml16, maml4, ours, rand = (results[n] for n in variants)
-    k = gradncp.inner_steps
     return {
         "setup": {
             "model": "SIREN 5x256, w0=30, 2->3",
@@ -189,14 +182,17 @@ def run(
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "seed": seed,
         },
         "variants": {
-            m.name.strip(): {
+            m.name: {
                 "time_s": m.time_s,
+                "min_time_s": m.min_time_s,
                 "times_s": m.times_s,
                 "peak_saved_bytes": m.peak_saved_bytes,
                 "peak_cuda_bytes": m.peak_cuda_bytes,
@@ -218,9 +214,10 @@ def run(
         "scoring": {
             "random_score_step_time_s": rand.time_s,
             "share_by_random_score_step": (ours.time_s - rand.time_s) / ours.time_s,
-            "scores_call_time_s": statistics.median(score_times),
             "scores_calls_per_step": k,
-            "share_by_timed_scores_calls": k * statistics.median(score_times) / ours.time_s,
+            "scores_calls_time_s": statistics.median(score_times),
+            "scores_calls_times_s": score_times,
+            "share_by_timed_scores_calls": statistics.median(score_times) / ours.time_s,
         },
     }
 
@@ -245,29 +242,35 @@ def report(res: Dict[str, object]) -> str:
         f"({s['points_per_task']} points/task), {s['tasks']} tasks, {s['dtype']}",
         f"torch {s['torch']}, python {s['python']}, device {s['device']} ({s['device_name']}), "
         f"threads {s['threads']}",
-        f"time: meta_step + backward, median of {s['repeats']} after 1 warm-up; "
-        "memory: peak over the warm-up step (1 MB = 1e6 bytes)",
+        f"time: meta_step + backward, median (min) of {s['repeats']} round-robin repeats after "
+        "1 warm-up; memory: peak over the warm-up step (1 MB = 1e6 bytes)",
         "",
-        f"{'variant':<28}{'time/step (s)':>15}{'peak saved (MB)':>18}{'peak CUDA (MB)':>17}",
+        f"{'variant':<28}{'time/step (s)':>16}{'min (s)':>9}{'peak saved (MB)':>17}"
+        f"{'peak CUDA (MB)':>16}",
     ]
     for name, m in v.items():
         lines.append(
-            f"{name:<28}{m['time_s']:>15.3f}{_mb(m['peak_saved_bytes']):>18}"
-            f"{_mb(m['peak_cuda_bytes']):>17}"
+            f"{name:<28}{m['time_s']:>16.3f}{m['min_time_s']:>9.3f}"
+            f"{_mb(m['peak_saved_bytes']):>17}{_mb(m['peak_cuda_bytes']):>16}"
         )
-    lines += ["", f"{'ratio':<28}{'time':>15}{'saved bytes':>18}{'CUDA bytes':>17}"]
-    for label, key in (("GradNCP / MAML K=16", "gradncp/maml16"), ("GradNCP / MAML K=4", "gradncp/maml4")):
+    lines += [
+        "",
+        f"{'ratio (medians)':<28}{'time':>16}{'':>9}{'saved bytes':>17}{'CUDA bytes':>16}",
+    ]
+    for label, key in (
+        ("GradNCP / MAML K=16", "gradncp/maml16"),
+        ("GradNCP / MAML K=4", "gradncp/maml4"),
+    ):
         q = r[key]
         cuda = "-" if q["cuda_bytes"] is None else f"{q['cuda_bytes']:.3f}"
-        lines.append(f"{label:<28}{q['time']:>15.3f}{q['saved_bytes']:>18.3f}{cuda:>17}")
+        lines.append(f"{label:<28}{q['time']:>16.3f}{'':>9}{q['saved_bytes']:>17.3f}{cuda:>16}")
     lines += [
         "",
         "share of a GradNCP step spent scoring:",
         f"  (a) same step with score='random' ({sc['random_score_step_time_s']:.3f} s): "
         f"(t_gradncp - t_random) / t_gradncp = {sc['share_by_random_score_step']:.1%}",
-        f"  (b) ContextPruner().scores on the full context: {sc['scores_call_time_s']:.4f} s/call "
-        f"x {sc['scores_calls_per_step']} calls / t_gradncp = "
-        f"{sc['share_by_timed_scores_calls']:.1%}",
+        f"  (b) {sc['scores_calls_per_step']} calls of ContextPruner().scores on the full context "
+        f"({sc['scores_calls_time_s']:.3f} s) / t_gradncp = {sc['share_by_timed_scores_calls']:.1%}",
     ]
     return "\n".join(lines)
 
@@ -278,7 +281,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=64, help="image side (default 64)")
     parser.add_argument("--tasks", type=int, default=4, help="images per outer step (default 4)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed steps per variant (default 3)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or e.g. 'cuda'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and images")

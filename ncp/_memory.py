@@ -35,6 +35,9 @@ class MemoryMeter:
     CPU figures predict the GPU ones. On CUDA (``device`` given as a CUDA device),
     ``peak_cuda_bytes`` is the allocator's peak above what was allocated on entry.
 
+    Meters do not nest: saved-tensor hooks are a per-thread stack, so while an inner meter is
+    active an outer one sees nothing. Use one meter per measurement.
+
     Args:
         device: the device to read allocator statistics from; only CUDA devices have them.
 
@@ -75,7 +78,10 @@ class MemoryMeter:
             self._current += storage.nbytes()
             self.peak_saved_bytes = max(self.peak_saved_bytes, self._current)
         self._counts[key] += 1
-        return _Saved(tensor, key, self)
+        # Keep a detached alias: holding the tensor itself would, for ops that save their own
+        # output (exp, tanh, sqrt), form a reference cycle through the graph that keeps a graph
+        # dropped without backward alive. Autograd restores the graph links on unpack.
+        return _Saved(tensor.detach(), key, self)
 
     def _release(self, key: Tuple[Any, ...]) -> None:
         self._counts[key] -= 1
@@ -89,7 +95,10 @@ class MemoryMeter:
 
     def __enter__(self) -> MemoryMeter:
         if self._hooks is not None:
-            raise RuntimeError("this MemoryMeter is already active; use a new one to nest.")
+            raise RuntimeError(
+                "this MemoryMeter is already active; meters do not nest (an outer meter would "
+                "not see what is saved inside an inner one): use one meter per measurement."
+            )
         self.peak_saved_bytes = self._current
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
