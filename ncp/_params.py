@@ -25,7 +25,7 @@ def trainable_names(model: nn.Module) -> List[str]:
 
 def static_tensors(model: nn.Module) -> Dict[str, Tensor]:
     """Frozen parameters and buffers: shared by every task and never adapted."""
-    out = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+    out: Dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     out.update(dict(model.named_buffers()))
     return out
 
