@@ -93,11 +93,7 @@ def _prepare_pruner(
 ) -> ContextPruner:
     """Validate the pruner against the data and fix its head once for the whole call."""
     pruner.keep(x.shape[1])
-    if pruner.generator is not None and pruner.generator.device != x.device:
-        raise ValueError(
-            f"`ContextPruner.generator` is on {pruner.generator.device} but the context is on "
-            f"{x.device}; create it with torch.Generator(device={str(x.device)!r})."
-        )
+    pruner._check_generator(x)
     if pruner.score == "gradncp" and pruner.head is None:
         head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
         pruner = dataclasses.replace(pruner, head=head)

@@ -137,12 +137,15 @@ class ContextPruner:
             params = init_params(model, x.shape[0], detach=True)
         else:
             check_params(model, params, x.shape[0])
+        self._check_generator(x)
+        return self._scores(model, params, x, y, loss_fn)
+
+    def _check_generator(self, x: Tensor) -> None:
         if self.generator is not None and self.generator.device != x.device:
             raise ValueError(
                 f"`ContextPruner.generator` is on {self.generator.device} but the context is on "
                 f"{x.device}; create it with torch.Generator(device={str(x.device)!r})."
             )
-        return self._scores(model, params, x, y, loss_fn)
 
     def _scores(
         self,
