@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("matplotlib", reason="the demo needs the examples extra: pip install -e '.[examples]'")
+pytest.importorskip(
+    "matplotlib", reason="the demo needs the examples extra: pip install -e '.[examples]'"
+)
 
-from examples import demo  # noqa: E402
-from examples.neural_fields.text_data import (  # noqa: E402
+from examples import demo
+from examples.neural_fields.text_data import (
     TextImages,
     find_fonts,
     grid_coordinates,
@@ -46,6 +48,13 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
 def test_demo_rejects_bad_flags():
     with pytest.raises(SystemExit):
         demo.main(["--steps", "0"])
+
+
+def test_progress_fallback_prints_about_ten_lines(capsys):
+    assert list(demo._print_progress(range(25), "MAML")) == list(range(25))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "  MAML: step 1/25" and lines[-1] == "  MAML: step 25/25"
+    assert len(lines) == 13  # steps 1, 3, ..., 25: every 2nd step
 
 
 def test_kept_points_match_meta_step_shapes():

@@ -36,7 +36,7 @@ def _font_dirs() -> List[str]:
     return [os.path.join(matplotlib.get_data_path(), "fonts", "ttf"), *_SYSTEM_FONT_DIRS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
@@ -58,7 +58,7 @@ def _renders_alphabet(path: str) -> bool:
     return len(masks) == len(ALPHABET)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def find_fonts() -> Tuple[str, ...]:
     """Paths of the usable Latin fonts found on this machine, sorted by file name.
 
