@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -104,10 +103,13 @@ def meta_train(
 
     Returns:
         ``peak_saved_bytes`` of one meta-step (forward and backward), ``seconds_per_step``
-        and ``losses`` (the outer loss of each step).
+        ``losses`` (the outer loss of each step) and ``query_losses`` (its reconstruction
+        part, mean over tasks: comparable between methods, unlike ``losses``, which includes
+        GradNCP's bootstrap term).
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses: List[float] = []
+    query_losses: List[float] = []
     peak = 0
     timed, first = 0.0, 0.0
     for step in progress(range(steps), desc):
@@ -126,12 +128,18 @@ def meta_train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(out.loss.item())
+        query_losses.append(out.query_loss.mean().item())
         if step > 0:
             timed += time.perf_counter() - start
         else:
             first = time.perf_counter() - start
     seconds = timed / (steps - 1) if steps > 1 else first
-    return {"peak_saved_bytes": peak, "seconds_per_step": seconds, "losses": losses}
+    return {
+        "peak_saved_bytes": peak,
+        "seconds_per_step": seconds,
+        "losses": losses,
+        "query_losses": query_losses,
+    }
 
 
 def reconstruct(
@@ -158,13 +166,12 @@ def reconstruct(
 def kept_points(model: nn.Module, cfg: ncp.MetaConfig, images: Tensor) -> Tensor:
     """The context indices GradNCP keeps at each inner step for ``images``: ``(K, N, k)``.
 
-    :func:`ncp.adapt` returns no indices, so this runs one :func:`ncp.meta_step` (first order
-    and without the bootstrap: the kept points are the same, the graph is smaller).
+    ``ncp.adapt(..., prune=True)`` replays the meta-training inner loop (pruned steps) without
+    a graph and records the points kept at every step.
     """
-    light = dataclasses.replace(cfg, first_order=True, bootstrap=None)
-    out = ncp.meta_step(model, image_context(images), light)
-    assert out.kept_indices is not None
-    return out.kept_indices
+    adapted = ncp.adapt(model, *image_context(images), cfg, prune=True)
+    assert adapted.kept_indices is not None
+    return adapted.kept_indices
 
 
 def make_figure(
@@ -184,7 +191,7 @@ def make_figure(
     fig = Figure(figsize=(1.9 * cols, 2.0 * n + 0.2), dpi=100, layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
     for r in range(n):
-        panels = [("ground truth", images[r], None)]
+        panels: List[Tuple[str, Tensor, Tensor | None]] = [("ground truth", images[r], None)]
         panels += [
             (f"{name}\n{psnrs[name][r]:.1f} dB", rec[r], None) for name, rec in recon.items()
         ]

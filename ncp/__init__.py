@@ -13,6 +13,7 @@ from . import functional as functional
 from . import losses as losses
 from ._bootstrap import BootstrapMetaLoss as BootstrapMetaLoss
 from ._config import MetaConfig as MetaConfig
+from ._driver import Adapted as Adapted
 from ._driver import MetaStepResult as MetaStepResult
 from ._driver import adapt as adapt
 from ._driver import forward as forward
@@ -28,6 +29,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Adapted",
     "BootstrapMetaLoss",
     "ContextPruner",
     "GradRescaler",

@@ -52,6 +52,26 @@ class MetaStepResult:
     bootstrap_target: Params | None
 
 
+class Adapted(dict[str, Tensor]):
+    """Per-task parameters returned by :func:`adapt`: a plain ``{name: (tasks, *shape)}`` dict
+    that also records the trajectory that produced it.
+
+    Attributes:
+        losses: ``(steps, tasks)`` loss before each step on the points the step used (the full
+            context, or the pruned one with ``prune=True``).
+        kept_indices: ``(steps, tasks, k)`` context points the pruner chose at each step (with
+            ``prune=True`` or a ``rescaler``), else None.
+    """
+
+    losses: Tensor
+    kept_indices: Tensor | None
+
+    def __init__(self, params: Params, losses: Tensor, kept_indices: Tensor | None) -> None:
+        super().__init__(params)
+        self.losses = losses
+        self.kept_indices = kept_indices
+
+
 def _unpack(batch: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 4):
         got = (
@@ -223,7 +243,7 @@ def adapt(
     prune: bool = False,
     params: Params | None = None,
     loss_fn: LossFn = losses.mse,
-) -> Params:
+) -> Adapted:
     """Test-time adaptation (paper Algorithm 2): first-order SGD with no graph.
 
     By default every step uses the full context. With ``rescaler`` each full-context gradient
@@ -244,7 +264,8 @@ def adapt(
         loss_fn: per-point loss.
 
     Returns:
-        Detached per-task parameters; evaluate them with :func:`ncp.forward`.
+        Detached per-task parameters (an :class:`Adapted` dict, which also carries the
+        per-step ``losses`` and ``kept_indices``); evaluate them with :func:`ncp.forward`.
 
     Example:
         >>> import torch, ncp
@@ -288,13 +309,14 @@ def adapt(
     _check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
     pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, current, x)
 
-    history = []
+    history, kept = [], []
     for _ in range(steps):
         with torch.enable_grad():
             leaves = detached_leaves(current)
+            if pruner is not None and (prune or rescaler is not None):
+                x_k, y_k, idx = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
+                kept.append(idx)
             if prune:
-                assert pruner is not None
-                x_k, y_k, _ = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
                 grads, loss = task_gradients(
                     model, leaves, x_k, y_k, loss_fn, create_graph=False, vmap_tasks=cfg.vmap_tasks
                 )
@@ -302,32 +324,29 @@ def adapt(
                 grads, loss = task_gradients(
                     model, leaves, x, y, loss_fn, create_graph=False, vmap_tasks=cfg.vmap_tasks
                 )
-            if rescaler is not None:
-                assert pruner is not None
-                x_k, y_k, _ = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
-                if rescaler.mode == "grad":
-                    pruned, _ = task_gradients(
-                        model,
-                        detached_leaves(current),
-                        x_k,
-                        y_k,
-                        loss_fn,
-                        create_graph=False,
-                        vmap_tasks=cfg.vmap_tasks,
+            if rescaler is not None and rescaler.mode == "grad":
+                pruned, _ = task_gradients(
+                    model,
+                    detached_leaves(current),
+                    x_k,
+                    y_k,
+                    loss_fn,
+                    create_graph=False,
+                    vmap_tasks=cfg.vmap_tasks,
+                )
+                grads = rescaler(grads, pruned_grads=pruned)
+            elif rescaler is not None:
+                with torch.no_grad():
+                    pruned_loss = task_losses(
+                        model, current, x_k, y_k, loss_fn, vmap_tasks=cfg.vmap_tasks
                     )
-                    grads = rescaler(grads, pruned_grads=pruned)
-                else:
-                    with torch.no_grad():
-                        pruned_loss = task_losses(
-                            model, current, x_k, y_k, loss_fn, vmap_tasks=cfg.vmap_tasks
-                        )
-                    grads = rescaler(grads, full_loss=loss, pruned_loss=pruned_loss)
+                grads = rescaler(grads, full_loss=loss, pruned_loss=pruned_loss)
         with torch.no_grad():
             current = sgd_update(current, grads, lr)
         history.append(loss.detach())
-    if history:
-        check_finite(torch.stack(history), "adaptation")
-    return current
+    losses_t = torch.stack(history) if history else x.new_zeros(0, tasks)
+    check_finite(losses_t, "adaptation")
+    return Adapted(current, losses_t, torch.stack(kept) if kept else None)
 
 
 def forward(model: nn.Module, params: Params, x: Tensor, *, vmap_tasks: bool = True) -> Tensor:

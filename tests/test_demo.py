@@ -31,6 +31,8 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
         assert m["seconds_per_step"] > 0, name
         assert len(m["losses"]) == demo.SMOKE["steps"]
         assert all(math.isfinite(v) for v in m["losses"]), name
+        pairs = zip(m["query_losses"], m["losses"], strict=True)
+        assert all(0 < q <= v for q, v in pairs), name  # the bootstrap term is >= 0
     assert results["methods"]["MAML"]["inner_steps"] == 4
     assert results["methods"]["GradNCP"]["inner_steps"] == 16
     assert results["methods"]["GradNCP"]["ratio"] == 0.25

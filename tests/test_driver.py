@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -358,3 +359,28 @@ def test_meta_learned_init_beats_random_after_adaptation():
         ncp.meta_step(model, (x, y), cfg).loss.backward()
         opt.step()
     assert test_loss() < 0.5 * before
+
+
+def test_adapt_records_losses_and_kept_indices():
+    model = seeded(_models.mlp)
+    x, y = data(points=20)
+    cfg = ncp.MetaConfig(inner_steps=3, inner_lr=0.4, pruner=ncp.ContextPruner(ratio=0.25))
+    pruned = ncp.adapt(model, x, y, cfg, prune=True)
+    assert isinstance(pruned, dict) and pruned.losses.shape == (3, 3)
+    assert pruned.kept_indices is not None and pruned.kept_indices.shape == (3, 3, 5)
+    # the pruned test-time trajectory is meta_step's inner loop without the graph
+    out = ncp.meta_step(model, (x, y), dataclasses.replace(cfg, first_order=True, bootstrap=None))
+    assert torch.equal(pruned.kept_indices, out.kept_indices)
+    assert_close(pruned.losses, out.inner_losses, **F64)
+    for n, v in out.params.items():
+        assert_close(pruned[n], v.detach(), **F64)
+    plain = ncp.adapt(model, x, y, cfg, steps=2)
+    assert plain.kept_indices is None and plain.losses.shape == (2, 3)
+    rescaled = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler())
+    assert rescaled.kept_indices is not None and rescaled.kept_indices.shape == (2, 3, 5)
+    # full-context losses: the first one is the loss of the initialisation on every point
+    with torch.no_grad():
+        first = ncp.losses.mse(ncp.forward(model, ncp.adapt(model, x, y, cfg, steps=0), x), y).mean(
+            1
+        )
+    assert_close(plain.losses[0], first, **F64)
