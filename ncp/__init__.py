@@ -18,6 +18,7 @@ from ._driver import MetaStepResult as MetaStepResult
 from ._driver import adapt as adapt
 from ._driver import forward as forward
 from ._driver import meta_step as meta_step
+from ._lr import LearnedLR as LearnedLR
 from ._memory import MemoryMeter as MemoryMeter
 from ._pruning import ContextPruner as ContextPruner
 from ._pruning import Pruned as Pruned
@@ -33,6 +34,7 @@ __all__ = [
     "BootstrapMetaLoss",
     "ContextPruner",
     "GradRescaler",
+    "LearnedLR",
     "MemoryMeter",
     "MetaConfig",
     "MetaStepResult",

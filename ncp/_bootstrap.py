@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Tuple
+from typing import Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,8 @@ from ._scoring import LossFn
 def parameter_distance(
     params: Mapping[str, Tensor], target: Mapping[str, Tensor], *, squared: bool = False
 ) -> Tensor:
-    """L2 distance between two per-task parameter sets over all their entries, ``(tasks,)``.
+    """L2 distance between two per-task parameter sets over the entries of ``target``,
+    ``(tasks,)``.
 
     The norm is taken in at least float32. Its gradient at zero distance is zero (not NaN).
     """
@@ -27,7 +28,7 @@ def parameter_distance(
         .to(torch.promote_types(params[k].dtype, torch.float32))
         .pow(2)
         .sum(1)
-        for k in params
+        for k in target
     )
     assert isinstance(sq, Tensor)
     if squared:
@@ -98,12 +99,24 @@ class BootstrapMetaLoss:
         *,
         loss_fn: LossFn = losses.mse,
         vmap_tasks: bool = True,
+        names: Sequence[str] | None = None,
     ) -> Params:
-        """``theta_boot``: ``steps`` SGD steps from ``stopgrad(params)`` on ``(x, y)``; no graph."""
+        """``theta_boot``: ``steps`` SGD steps from ``stopgrad(params)`` on ``(x, y)``; no graph.
+
+        Only the parameters in ``names`` (default all) are stepped and returned.
+        """
         target, _ = first_order_steps(
-            model, params, x, y, loss_fn, steps=self.steps, lr=self.lr, vmap_tasks=vmap_tasks
+            model,
+            params,
+            x,
+            y,
+            loss_fn,
+            steps=self.steps,
+            lr=self.lr,
+            vmap_tasks=vmap_tasks,
+            names=names,
         )
-        return target
+        return target if names is None else {n: target[n] for n in names}
 
     def distance(self, params: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
         """The weighted term ``weight * ||params - target||``, ``(tasks,)``."""
@@ -118,7 +131,11 @@ class BootstrapMetaLoss:
         *,
         loss_fn: LossFn = losses.mse,
         vmap_tasks: bool = True,
+        names: Sequence[str] | None = None,
     ) -> Tuple[Tensor, Params]:
-        """The bootstrap term ``(tasks,)`` and the detached target it was measured against."""
-        target = self.target(model, params, x, y, loss_fn=loss_fn, vmap_tasks=vmap_tasks)
+        """The bootstrap term ``(tasks,)`` and the detached target it was measured against
+        (over the parameters in ``names``, default all)."""
+        target = self.target(
+            model, params, x, y, loss_fn=loss_fn, vmap_tasks=vmap_tasks, names=names
+        )
         return self.distance(params, target), target

@@ -22,6 +22,10 @@ class MetaConfig:
         bootstrap: the bootstrap correction added to the outer loss; ``None`` for no term.
         vmap_tasks: vectorise over tasks with ``torch.func.vmap``; ``False`` runs a loop over
             tasks, for models ``vmap`` cannot trace.
+        adapt_only: names of the parameters (or modules, as prefixes) the inner loop adapts;
+            the other trainable parameters are meta-learned only, e.g. ``("modulations",)`` to
+            adapt latent modulations as in COIN++/functa. None adapts every trainable
+            parameter.
 
     Example:
         >>> import ncp
@@ -36,6 +40,7 @@ class MetaConfig:
     pruner: ContextPruner | None = field(default_factory=ContextPruner)
     bootstrap: BootstrapMetaLoss | None = field(default_factory=BootstrapMetaLoss)
     vmap_tasks: bool = True
+    adapt_only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -58,6 +63,15 @@ class MetaConfig:
         if self.pruner is not None and not isinstance(self.pruner, ContextPruner):
             raise TypeError(
                 f"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got {type(self.pruner).__name__}."
+            )
+        if self.adapt_only is not None and (
+            not isinstance(self.adapt_only, tuple)
+            or not self.adapt_only
+            or not all(isinstance(a, str) for a in self.adapt_only)
+        ):
+            raise TypeError(
+                "`MetaConfig.adapt_only` must be a non-empty tuple of parameter or module names, "
+                f"e.g. ('modulations',), got {self.adapt_only!r}."
             )
         if self.bootstrap is not None and not isinstance(self.bootstrap, BootstrapMetaLoss):
             raise TypeError(

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import losses
 from ._config import MetaConfig
-from ._inner import detached_leaves, sgd_update, task_gradients, task_losses
+from ._distributed import unwrap
+from ._inner import LR, detached_leaves, sgd_update, task_gradients, task_losses
+from ._lr import LearnedLR
 from ._params import (
     Params,
+    adapted_names,
     check_norm_layers,
     check_params,
     init_params,
@@ -120,6 +123,35 @@ def _prepare_pruner(
     return pruner
 
 
+def _check_learned_lr(learned_lr: LearnedLR | None, names: list[str], steps: int) -> None:
+    if learned_lr is None:
+        return
+    if not isinstance(learned_lr, LearnedLR):
+        raise TypeError(
+            f"`learned_lr` must be an ncp.LearnedLR or None, got {type(learned_lr).__name__}."
+        )
+    learned_lr.check(names)
+    if learned_lr.steps < steps:
+        raise ValueError(
+            f"`learned_lr` has rates for {learned_lr.steps} steps but cfg.inner_steps={steps}; "
+            f"build it with ncp.LearnedLR(model, steps={steps})."
+        )
+
+
+def _step_lr(
+    inner_lr: float,
+    learned_lr: LearnedLR | None,
+    step: int,
+    names: list[str],
+    wrap: Callable[[Tensor], Tensor] | None = None,
+) -> LR:
+    """The learning rate of inner step ``step``: ``cfg.inner_lr`` or the learned rates."""
+    if learned_lr is None:
+        return inner_lr
+    rates = {n: learned_lr.rate(step, n) for n in names}
+    return rates if wrap is None else {n: wrap(r) for n, r in rates.items()}
+
+
 def _select(
     pruner: ContextPruner,
     model: nn.Module,
@@ -140,6 +172,7 @@ def meta_step(
     cfg: MetaConfig,
     *,
     loss_fn: LossFn = losses.mse,
+    learned_lr: LearnedLR | None = None,
 ) -> MetaStepResult:
     """Adapt ``model`` to every task of ``batch`` and return the outer (meta) loss.
 
@@ -155,6 +188,10 @@ def meta_step(
             ``(context_x, context_y, query_x, query_y)``; shapes ``(tasks, points, ...)``.
         cfg: the configuration.
         loss_fn: per-point loss ``(pred, target) -> (tasks, points)``.
+        learned_lr: meta-learned inner learning rates (Meta-SGD) replacing ``cfg.inner_lr``.
+
+    A ``DistributedDataParallel``-wrapped model is unwrapped and its meta-gradients are
+    averaged across ranks during ``backward``.
 
     Returns:
         A :class:`MetaStepResult`; ``result.loss.backward()`` gives the meta-gradient.
@@ -179,34 +216,33 @@ def meta_step(
     if not isinstance(cfg, MetaConfig):
         raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
     cx, cy, qx, qy = _unpack(batch)
+    model, wrap = unwrap(model, meta_gradients=True)
     check_device(model, cx, cy, qx, qy)
     check_norm_layers(model)
+    names = adapted_names(model, cfg.adapt_only)
+    _check_learned_lr(learned_lr, names, cfg.inner_steps)
     tasks = cx.shape[0]
-    params = init_params(model, tasks)
+    params = init_params(model, tasks, wrap=wrap)
     _check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
     pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, params, cx)
 
     inner, kept = [], []
-    for _ in range(cfg.inner_steps):
+    for step in range(cfg.inner_steps):
         x_k, y_k = cx, cy
         if pruner is not None:
             x_k, y_k, idx = _select(pruner, model, params, cx, cy, loss_fn, cfg.vmap_tasks)
             kept.append(idx)
-        if cfg.first_order:
-            grads, step_loss = task_gradients(
-                model,
-                detached_leaves(params),
-                x_k,
-                y_k,
-                loss_fn,
-                create_graph=False,
-                vmap_tasks=cfg.vmap_tasks,
-            )
-        else:
-            grads, step_loss = task_gradients(
-                model, params, x_k, y_k, loss_fn, create_graph=True, vmap_tasks=cfg.vmap_tasks
-            )
-        params = sgd_update(params, grads, cfg.inner_lr)
+        grads, step_loss = task_gradients(
+            model,
+            detached_leaves(params) if cfg.first_order else params,
+            x_k,
+            y_k,
+            loss_fn,
+            create_graph=not cfg.first_order,
+            vmap_tasks=cfg.vmap_tasks,
+            names=names,
+        )
+        params = sgd_update(params, grads, _step_lr(cfg.inner_lr, learned_lr, step, names, wrap))
         inner.append(step_loss.detach())
     inner_losses = torch.stack(inner)
     check_finite(inner_losses, "inner")
@@ -216,7 +252,7 @@ def meta_step(
     boot_loss, target = None, None
     if cfg.bootstrap is not None:
         boot_loss, target = cfg.bootstrap(
-            model, params, cx, cy, loss_fn=loss_fn, vmap_tasks=cfg.vmap_tasks
+            model, params, cx, cy, loss_fn=loss_fn, vmap_tasks=cfg.vmap_tasks, names=names
         )
     query_loss = task_losses(model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks)
     total = query_loss if boot_loss is None else query_loss + boot_loss.to(query_loss.dtype)
@@ -243,6 +279,7 @@ def adapt(
     prune: bool = False,
     params: Params | None = None,
     loss_fn: LossFn = losses.mse,
+    learned_lr: LearnedLR | None = None,
 ) -> Adapted:
     """Test-time adaptation (paper Algorithm 2): first-order SGD with no graph.
 
@@ -262,6 +299,8 @@ def adapt(
         prune: adapt on the pruned context instead of the full one.
         params: per-task parameters to start from; default the model's own.
         loss_fn: per-point loss.
+        learned_lr: meta-learned rates (Meta-SGD) used instead of ``lr``; steps past their
+            horizon reuse the last learned rate.
 
     Returns:
         Detached per-task parameters (an :class:`Adapted` dict, which also carries the
@@ -278,8 +317,13 @@ def adapt(
     if not isinstance(cfg, MetaConfig):
         raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
     check_pair(x, y)
+    model, _ = unwrap(model, meta_gradients=False)
     check_device(model, x, y)
     check_norm_layers(model)
+    names = adapted_names(model, cfg.adapt_only)
+    if learned_lr is not None and lr is not None:
+        raise ValueError("pass either `lr` or `learned_lr` to ncp.adapt, not both.")
+    _check_learned_lr(learned_lr, names, 1)
     steps = cfg.inner_steps if steps is None else steps
     lr = cfg.inner_lr if lr is None else lr
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -310,7 +354,7 @@ def adapt(
     pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, current, x)
 
     history, kept = [], []
-    for _ in range(steps):
+    for step in range(steps):
         with torch.enable_grad():
             leaves = detached_leaves(current)
             if pruner is not None and (prune or rescaler is not None):
@@ -318,11 +362,25 @@ def adapt(
                 kept.append(idx)
             if prune:
                 grads, loss = task_gradients(
-                    model, leaves, x_k, y_k, loss_fn, create_graph=False, vmap_tasks=cfg.vmap_tasks
+                    model,
+                    leaves,
+                    x_k,
+                    y_k,
+                    loss_fn,
+                    create_graph=False,
+                    vmap_tasks=cfg.vmap_tasks,
+                    names=names,
                 )
             else:
                 grads, loss = task_gradients(
-                    model, leaves, x, y, loss_fn, create_graph=False, vmap_tasks=cfg.vmap_tasks
+                    model,
+                    leaves,
+                    x,
+                    y,
+                    loss_fn,
+                    create_graph=False,
+                    vmap_tasks=cfg.vmap_tasks,
+                    names=names,
                 )
             if rescaler is not None and rescaler.mode == "grad":
                 pruned, _ = task_gradients(
@@ -333,6 +391,7 @@ def adapt(
                     loss_fn,
                     create_graph=False,
                     vmap_tasks=cfg.vmap_tasks,
+                    names=names,
                 )
                 grads = rescaler(grads, pruned_grads=pruned)
             elif rescaler is not None:
@@ -342,7 +401,7 @@ def adapt(
                     )
                 grads = rescaler(grads, full_loss=loss, pruned_loss=pruned_loss)
         with torch.no_grad():
-            current = sgd_update(current, grads, lr)
+            current = sgd_update(current, grads, _step_lr(lr, learned_lr, step, names))
         history.append(loss.detach())
     losses_t = torch.stack(history) if history else x.new_zeros(0, tasks)
     check_finite(losses_t, "adaptation")

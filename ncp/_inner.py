@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,10 @@ def task_gradients(
     *,
     create_graph: bool,
     vmap_tasks: bool = True,
+    names: Sequence[str] | None = None,
 ) -> Tuple[Dict[str, Tensor], Tensor]:
-    """Gradient of each task's mean loss w.r.t. that task's parameters.
+    """Gradient of each task's mean loss w.r.t. that task's parameters (those in ``names``,
+    default all).
 
     Tasks are independent, so differentiating the *sum* of the task losses with respect to the
     ``(tasks, ...)`` parameters gives every task its own gradient in one backward pass.
@@ -44,7 +46,7 @@ def task_gradients(
         losses.
     """
     losses = task_losses(model, params, x, y, loss_fn, vmap_tasks=vmap_tasks)
-    names = list(params)
+    names = list(params) if names is None else list(names)
     grads = torch.autograd.grad(
         losses.sum(), [params[n] for n in names], create_graph=create_graph, allow_unused=True
     )
@@ -57,9 +59,17 @@ def task_gradients(
     return dict(zip(names, grads, strict=True)), losses
 
 
-def sgd_update(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: float) -> Params:
-    """``theta - lr * g`` for every entry."""
-    return {k: p - lr * grads[k] for k, p in params.items()}
+LR = Union[float, Tensor, Mapping[str, Tensor]]
+"""A learning rate: one number, or one (broadcastable) tensor per parameter name."""
+
+
+def sgd_update(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], lr: LR) -> Params:
+    """``theta - lr * g`` for every entry that has a gradient; the others pass through."""
+    out = dict(params)
+    for k, g in grads.items():
+        rate = lr[k] if isinstance(lr, Mapping) else lr
+        out[k] = params[k] - rate * g
+    return out
 
 
 def detached_leaves(params: Mapping[str, Tensor]) -> Params:
@@ -77,6 +87,7 @@ def first_order_steps(
     steps: int,
     lr: float,
     vmap_tasks: bool = True,
+    names: Sequence[str] | None = None,
 ) -> Tuple[Params, Tensor]:
     """``steps`` SGD steps with no graph kept between them.
 
@@ -89,7 +100,7 @@ def first_order_steps(
         with torch.enable_grad():
             leaves = detached_leaves(current)
             grads, losses = task_gradients(
-                model, leaves, x, y, loss_fn, create_graph=False, vmap_tasks=vmap_tasks
+                model, leaves, x, y, loss_fn, create_graph=False, vmap_tasks=vmap_tasks, names=names
             )
         with torch.no_grad():
             current = sgd_update(current, grads, lr)

@@ -8,7 +8,7 @@ parameters as a ``dict[str, Tensor]`` whose tensors carry a leading task dimensi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Mapping, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,19 +30,45 @@ def static_tensors(model: nn.Module) -> Dict[str, Tensor]:
     return out
 
 
-def init_params(model: nn.Module, tasks: int, *, detach: bool = False) -> Params:
+def init_params(
+    model: nn.Module,
+    tasks: int,
+    *,
+    detach: bool = False,
+    wrap: Callable[[Tensor], Tensor] | None = None,
+) -> Params:
     """Expand the model's trainable parameters to ``tasks`` per-task copies.
 
     The copies are views (``expand``), so gradients reaching them flow back to, and are summed
     into, the model's own parameters: this is how the meta-gradient reaches ``theta_0``.
-    With ``detach=True`` the result is cut from the model (test-time adaptation).
+    With ``detach=True`` the result is cut from the model (test-time adaptation). ``wrap`` is
+    applied to each parameter before expansion (distributed gradient averaging).
     """
     out: Params = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            src = p.detach() if detach else p
+            src = p.detach() if detach else (wrap(p) if wrap is not None else p)
             out[name] = src.unsqueeze(0).expand(tasks, *p.shape)
     return out
+
+
+def adapted_names(model: nn.Module, adapt_only: Sequence[str] | None) -> List[str]:
+    """Trainable parameters the inner loop adapts: all, or those named (or prefixed) by
+    ``adapt_only``; the others are meta-learned only."""
+    names = trainable_names(model)
+    if adapt_only is None:
+        return names
+    chosen = []
+    for name in names:
+        if any(name == a or name.startswith(a + ".") for a in adapt_only):
+            chosen.append(name)
+    unmatched = [a for a in adapt_only if not any(n == a or n.startswith(a + ".") for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"`MetaConfig.adapt_only` entries {unmatched} match no trainable parameter or module; "
+            f"trainable parameters are {names}."
+        )
+    return chosen
 
 
 def check_params(model: nn.Module, params: Mapping[str, Tensor], tasks: int) -> None:
