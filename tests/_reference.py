@@ -30,11 +30,13 @@ def exact_scores(model, params, x, y, loss_fn, head_names):
 
 
 def sgd(params, loss, lr, create_graph):
+    """One SGD step; ``lr`` is a number or a function of the parameter name."""
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
     if not create_graph:
         grads = [g.detach() for g in grads]
-    return {n: params[n] - lr * g for n, g in zip(names, grads, strict=True)}
+    rate = lr if callable(lr) else (lambda _name: lr)
+    return {n: params[n] - rate(n) * g for n, g in zip(names, grads, strict=True)}
 
 
 def meta_step(
@@ -54,13 +56,16 @@ def meta_step(
     boot_lr=0.05,
     weight=100.0,
 ):
-    """Hand-written GradNCP / MAML step (Algorithm 1). Returns a dict of results."""
+    """Hand-written GradNCP / MAML step (Algorithm 1). Returns a dict of results.
+
+    ``lr`` is a number or a function ``lr(step, name)`` (learned rates).
+    """
     theta0 = {n: p for n, p in model.named_parameters() if p.requires_grad}
     query, boot, kept, adapted = [], [], [], []
     for i in range(cx.shape[0]):
         params = dict(theta0)
         task_kept = []
-        for _ in range(steps):
+        for step in range(steps):
             x, y = cx[i], cy[i]
             if ratio is not None:
                 s = exact_scores(model, params, x, y, loss_fn, head_names)
@@ -69,7 +74,8 @@ def meta_step(
                 task_kept.append(idx)
                 x, y = x[idx], y[idx]
             loss = point_losses(model, params, x, y, loss_fn).mean()
-            params = sgd(params, loss, lr, create_graph=not first_order)
+            step_lr = (lambda n, _k=step: lr(_k, n)) if callable(lr) else lr
+            params = sgd(params, loss, step_lr, create_graph=not first_order)
         kept.append(task_kept)
         adapted.append(params)
         query.append(point_losses(model, params, qx[i], qy[i], loss_fn).mean())
