@@ -353,47 +353,28 @@ def adapt(
     _check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
     pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, current, x)
 
+    def gradient(xs: Tensor, ys: Tensor) -> Tuple[dict[str, Tensor], Tensor]:
+        return task_gradients(
+            model,
+            detached_leaves(current),
+            xs,
+            ys,
+            loss_fn,
+            create_graph=False,
+            vmap_tasks=cfg.vmap_tasks,
+            names=names,
+        )
+
     history, kept = [], []
+    x_k, y_k = x, y
     for step in range(steps):
         with torch.enable_grad():
-            leaves = detached_leaves(current)
             if pruner is not None and (prune or rescaler is not None):
                 x_k, y_k, idx = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
                 kept.append(idx)
-            if prune:
-                grads, loss = task_gradients(
-                    model,
-                    leaves,
-                    x_k,
-                    y_k,
-                    loss_fn,
-                    create_graph=False,
-                    vmap_tasks=cfg.vmap_tasks,
-                    names=names,
-                )
-            else:
-                grads, loss = task_gradients(
-                    model,
-                    leaves,
-                    x,
-                    y,
-                    loss_fn,
-                    create_graph=False,
-                    vmap_tasks=cfg.vmap_tasks,
-                    names=names,
-                )
+            grads, loss = gradient(x_k, y_k) if prune else gradient(x, y)
             if rescaler is not None and rescaler.mode == "grad":
-                pruned, _ = task_gradients(
-                    model,
-                    detached_leaves(current),
-                    x_k,
-                    y_k,
-                    loss_fn,
-                    create_graph=False,
-                    vmap_tasks=cfg.vmap_tasks,
-                    names=names,
-                )
-                grads = rescaler(grads, pruned_grads=pruned)
+                grads = rescaler(grads, pruned_grads=gradient(x_k, y_k)[0])
             elif rescaler is not None:
                 with torch.no_grad():
                     pruned_loss = task_losses(
@@ -430,6 +411,7 @@ def forward(model: nn.Module, params: Params, x: Tensor, *, vmap_tasks: bool = T
     if not isinstance(x, Tensor) or x.dim() < 2:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"`x` must be a tensor of shape (tasks, points, ...), got {got}.")
+    model, _ = unwrap(model, meta_gradients=False)
     check_params(model, params, x.shape[0])
     check_device(model, x)
     return task_forward(model, params, x, vmap_tasks=vmap_tasks)
