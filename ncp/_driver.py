@@ -23,7 +23,7 @@ from ._params import (
     task_forward,
     task_slice,
 )
-from ._pruning import ContextPruner, gather_points, top_k_indices
+from ._pruning import ContextPruner
 from ._rescaling import GradRescaler
 from ._scoring import LossFn, find_head
 from ._validation import check_device, check_finite, check_pair, check_point_losses
@@ -152,20 +152,6 @@ def _step_lr(
     return rates if wrap is None else {n: wrap(r) for n, r in rates.items()}
 
 
-def _select(
-    pruner: ContextPruner,
-    model: nn.Module,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    loss_fn: LossFn,
-    vmap_tasks: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    scores = pruner._scores(model, params, x, y, loss_fn, vmap_tasks)
-    idx = top_k_indices(scores, pruner.keep(x.shape[1]))
-    return gather_points(x, idx), gather_points(y, idx), idx
-
-
 def meta_step(
     model: nn.Module,
     batch: Sequence[Tensor],
@@ -230,7 +216,7 @@ def meta_step(
     for step in range(cfg.inner_steps):
         x_k, y_k = cx, cy
         if pruner is not None:
-            x_k, y_k, idx = _select(pruner, model, params, cx, cy, loss_fn, cfg.vmap_tasks)
+            x_k, y_k, idx = pruner._select(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
             kept.append(idx)
         grads, step_loss = task_gradients(
             model,
@@ -370,7 +356,7 @@ def adapt(
     for step in range(steps):
         with torch.enable_grad():
             if pruner is not None and (prune or rescaler is not None):
-                x_k, y_k, idx = _select(pruner, model, current, x, y, loss_fn, cfg.vmap_tasks)
+                x_k, y_k, idx = pruner._select(model, current, x, y, loss_fn, cfg.vmap_tasks)
                 kept.append(idx)
             grads, loss = gradient(x_k, y_k) if prune else gradient(x, y)
             if rescaler is not None and rescaler.mode == "grad":

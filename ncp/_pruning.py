@@ -169,6 +169,21 @@ class ContextPruner:
             vmap_tasks=vmap_tasks,
         )
 
+    def _select(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        loss_fn: LossFn,
+        vmap_tasks: bool = True,
+    ) -> Pruned:
+        """Score, take the top ``k`` and gather, with no validation (for loop bodies)."""
+        idx = top_k_indices(
+            self._scores(model, params, x, y, loss_fn, vmap_tasks), self.keep(x.shape[1])
+        )
+        return Pruned(gather_points(x, idx), gather_points(y, idx), idx)
+
     def __call__(
         self,
         model: nn.Module,
@@ -184,7 +199,11 @@ class ContextPruner:
             :class:`Pruned` with the kept ``x``, ``y`` and their ``indices`` ``(tasks, k)``.
         """
         check_pair(x, y)
-        k = self.keep(x.shape[1])
-        s = self.scores(model, x, y, params=params, loss_fn=loss_fn)
-        idx = top_k_indices(s, k)
-        return Pruned(gather_points(x, idx), gather_points(y, idx), idx)
+        check_device(model, x, y)
+        self.keep(x.shape[1])
+        self._check_generator(x)
+        if params is None:
+            params = init_params(model, x.shape[0], detach=True)
+        else:
+            check_params(model, params, x.shape[0])
+        return self._select(model, params, x, y, loss_fn)
