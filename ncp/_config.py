@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ._bootstrap import BootstrapMetaLoss
 from ._pruning import ContextPruner
@@ -40,7 +41,7 @@ class MetaConfig:
     pruner: ContextPruner | None = field(default_factory=ContextPruner)
     bootstrap: BootstrapMetaLoss | None = field(default_factory=BootstrapMetaLoss)
     vmap_tasks: bool = True
-    adapt_only: tuple[str, ...] | None = None
+    adapt_only: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -64,15 +65,19 @@ class MetaConfig:
             raise TypeError(
                 f"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got {type(self.pruner).__name__}."
             )
-        if self.adapt_only is not None and (
-            not isinstance(self.adapt_only, tuple)
-            or not self.adapt_only
-            or not all(isinstance(a, str) for a in self.adapt_only)
-        ):
-            raise TypeError(
-                "`MetaConfig.adapt_only` must be a non-empty tuple of parameter or module names, "
-                f"e.g. ('modulations',), got {self.adapt_only!r}."
-            )
+        if self.adapt_only is not None:
+            names = self.adapt_only
+            if (
+                isinstance(names, str)
+                or not isinstance(names, (tuple, list))
+                or not names
+                or not all(isinstance(a, str) for a in names)
+            ):
+                raise TypeError(
+                    "`MetaConfig.adapt_only` must be a non-empty tuple of parameter or module "
+                    f"names, e.g. ('modulations',), got {names!r}."
+                )
+            object.__setattr__(self, "adapt_only", tuple(names))
         if self.bootstrap is not None and not isinstance(self.bootstrap, BootstrapMetaLoss):
             raise TypeError(
                 "`MetaConfig.bootstrap` must be an ncp.BootstrapMetaLoss or None, got "

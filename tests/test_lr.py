@@ -62,7 +62,9 @@ def test_rate_shapes_and_horizon():
     assert scalar.rate(5, "4.bias").item() == pytest.approx(0.3)  # past the horizon: last rate
     full = ncp.LearnedLR(model, steps=2, per_parameter=True)
     assert full.rate(1, "0.weight").shape == model[0].weight.shape
-    assert sum(p.numel() for p in full.parameters()) == 2 * sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in full.parameters()) == 2 * sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 def test_adapt_uses_detached_learned_rates():
@@ -93,5 +95,7 @@ def test_errors():
     other = ncp.LearnedLR(torch.nn.Linear(2, 1), steps=3, per_parameter=True)
     with pytest.raises(ValueError, match=r"`learned_lr` has no rates for parameters \['0.bias'"):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=3), learned_lr=other)
-    with pytest.raises(TypeError, match=r"`learned_lr` must be an ncp.LearnedLR or None, got float"):
+    with pytest.raises(
+        TypeError, match=r"`learned_lr` must be an ncp.LearnedLR or None, got float"
+    ):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(), learned_lr=0.1)  # type: ignore[arg-type]
