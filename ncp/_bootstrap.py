@@ -100,10 +100,12 @@ class BootstrapMetaLoss:
         loss_fn: LossFn = losses.mse,
         vmap_tasks: bool = True,
         names: Sequence[str] | None = None,
+        chunk_size: int | None = None,
     ) -> Params:
         """``theta_boot``: ``steps`` SGD steps from ``stopgrad(params)`` on ``(x, y)``; no graph.
 
-        Only the parameters in ``names`` (default all) are stepped and returned.
+        Only the parameters in ``names`` (default all) are stepped and returned; with
+        ``chunk_size`` each gradient is accumulated over chunks of at most that many points.
         """
         target, _ = first_order_steps(
             model,
@@ -115,6 +117,7 @@ class BootstrapMetaLoss:
             lr=self.lr,
             vmap_tasks=vmap_tasks,
             names=names,
+            chunk_size=chunk_size,
         )
         return target if names is None else {n: target[n] for n in names}
 
@@ -132,10 +135,18 @@ class BootstrapMetaLoss:
         loss_fn: LossFn = losses.mse,
         vmap_tasks: bool = True,
         names: Sequence[str] | None = None,
+        chunk_size: int | None = None,
     ) -> Tuple[Tensor, Params]:
         """The bootstrap term ``(tasks,)`` and the detached target it was measured against
         (over the parameters in ``names``, default all)."""
         target = self.target(
-            model, params, x, y, loss_fn=loss_fn, vmap_tasks=vmap_tasks, names=names
+            model,
+            params,
+            x,
+            y,
+            loss_fn=loss_fn,
+            vmap_tasks=vmap_tasks,
+            names=names,
+            chunk_size=chunk_size,
         )
         return self.distance(params, target), target

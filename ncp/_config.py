@@ -23,6 +23,11 @@ class MetaConfig:
         bootstrap: the bootstrap correction added to the outer loss; ``None`` for no term.
         vmap_tasks: vectorise over tasks with ``torch.func.vmap``; ``False`` runs a loop over
             tasks, for models ``vmap`` cannot trace.
+        chunk_size: evaluate full-context passes (scoring, bootstrap target, query loss, test-time
+            steps) at most this many points at a time, bounding their memory on huge contexts;
+            the query loss is checkpointed chunk by chunk and recomputed in ``backward``.
+            Results are unchanged; only for models that treat points independently. The
+            pruner's own ``chunk_size``, when set, takes precedence for scoring.
         adapt_only: names of the parameters (or modules, as prefixes) the inner loop adapts;
             the other trainable parameters are meta-learned only, e.g. ``("modulations",)`` to
             adapt latent modulations as in COIN++/functa. None adapts every trainable
@@ -42,6 +47,7 @@ class MetaConfig:
     bootstrap: BootstrapMetaLoss | None = field(default_factory=BootstrapMetaLoss)
     vmap_tasks: bool = True
     adapt_only: Sequence[str] | None = None
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -64,6 +70,14 @@ class MetaConfig:
         if self.pruner is not None and not isinstance(self.pruner, ContextPruner):
             raise TypeError(
                 f"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got {type(self.pruner).__name__}."
+            )
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise ValueError(
+                f"`MetaConfig.chunk_size` must be a positive int or None, got {self.chunk_size!r}."
             )
         if self.adapt_only is not None:
             names = self.adapt_only

@@ -112,14 +112,16 @@ def _check_loss_fn(
 
 
 def _prepare_pruner(
-    pruner: ContextPruner, model: nn.Module, params: Params, x: Tensor
+    pruner: ContextPruner, model: nn.Module, params: Params, x: Tensor, chunk_size: int | None
 ) -> ContextPruner:
-    """Validate the pruner against the data and fix its head once for the whole call."""
+    """Validate the pruner against the data; fix its head and chunk size once for the call."""
     pruner.keep(x.shape[1])
     pruner._check_generator(x)
     if pruner.score == "gradncp" and pruner.head is None:
         head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
         pruner = dataclasses.replace(pruner, head=head)
+    if pruner.chunk_size is None and chunk_size is not None:
+        pruner = dataclasses.replace(pruner, chunk_size=chunk_size)
     return pruner
 
 
@@ -210,7 +212,11 @@ def meta_step(
     tasks = cx.shape[0]
     params = init_params(model, tasks, wrap=wrap)
     _check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
-    pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, params, cx)
+    pruner = (
+        None
+        if cfg.pruner is None
+        else _prepare_pruner(cfg.pruner, model, params, cx, cfg.chunk_size)
+    )
 
     inner, kept = [], []
     for step in range(cfg.inner_steps):
@@ -238,9 +244,18 @@ def meta_step(
     boot_loss, target = None, None
     if cfg.bootstrap is not None:
         boot_loss, target = cfg.bootstrap(
-            model, params, cx, cy, loss_fn=loss_fn, vmap_tasks=cfg.vmap_tasks, names=names
+            model,
+            params,
+            cx,
+            cy,
+            loss_fn=loss_fn,
+            vmap_tasks=cfg.vmap_tasks,
+            names=names,
+            chunk_size=cfg.chunk_size,
         )
-    query_loss = task_losses(model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks)
+    query_loss = task_losses(
+        model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks, chunk_size=cfg.chunk_size
+    )
     total = query_loss if boot_loss is None else query_loss + boot_loss.to(query_loss.dtype)
     return MetaStepResult(
         loss=total.mean(),
@@ -337,7 +352,11 @@ def adapt(
         check_params(model, params, tasks)
         current = {k: v.detach() for k, v in params.items()}
     _check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
-    pruner = None if cfg.pruner is None else _prepare_pruner(cfg.pruner, model, current, x)
+    pruner = (
+        None
+        if cfg.pruner is None
+        else _prepare_pruner(cfg.pruner, model, current, x, cfg.chunk_size)
+    )
 
     def gradient(xs: Tensor, ys: Tensor) -> Tuple[dict[str, Tensor], Tensor]:
         return task_gradients(
@@ -349,6 +368,7 @@ def adapt(
             create_graph=False,
             vmap_tasks=cfg.vmap_tasks,
             names=names,
+            chunk_size=cfg.chunk_size,
         )
 
     history, kept = [], []
@@ -364,7 +384,13 @@ def adapt(
             elif rescaler is not None:
                 with torch.no_grad():
                     pruned_loss = task_losses(
-                        model, current, x_k, y_k, loss_fn, vmap_tasks=cfg.vmap_tasks
+                        model,
+                        current,
+                        x_k,
+                        y_k,
+                        loss_fn,
+                        vmap_tasks=cfg.vmap_tasks,
+                        chunk_size=cfg.chunk_size,
                     )
                 grads = rescaler(grads, full_loss=loss, pruned_loss=pruned_loss)
         with torch.no_grad():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from ._params import Params, task_forward
+from ._params import Params, chunk_slices, task_forward
 from ._scoring import LossFn
 
 
@@ -19,9 +20,33 @@ def task_losses(
     loss_fn: LossFn,
     *,
     vmap_tasks: bool = True,
+    chunk_size: int | None = None,
 ) -> Tensor:
-    """Mean per-point loss of each task, ``(tasks,)``."""
-    return loss_fn(task_forward(model, params, x, vmap_tasks=vmap_tasks), y).mean(1)
+    """Mean per-point loss of each task, ``(tasks,)``.
+
+    With ``chunk_size`` (and autograd recording) each chunk's forward pass is checkpointed:
+    only its inputs are kept, and ``backward`` recomputes the chunks one at a time, so a
+    full-context loss never holds the activations of more than one chunk. The value and its
+    gradients (of any order) are those of the unchunked loss.
+    """
+    points = x.shape[1]
+    if chunk_size is None or chunk_size >= points:
+        return loss_fn(task_forward(model, params, x, vmap_tasks=vmap_tasks), y).mean(1)
+    names = list(params)
+
+    def chunk_sum(xc: Tensor, yc: Tensor, *values: Tensor) -> Tensor:
+        out = task_forward(model, dict(zip(names, values, strict=True)), xc, vmap_tasks=vmap_tasks)
+        return loss_fn(out, yc).sum(1)
+
+    total = x.new_zeros(())
+    for sl in chunk_slices(points, chunk_size):
+        args = (x[:, sl], y[:, sl], *params.values())
+        if torch.is_grad_enabled():
+            part = checkpoint(chunk_sum, *args, use_reentrant=False)
+        else:
+            part = chunk_sum(*args)
+        total = total + part
+    return total / points
 
 
 def task_gradients(
@@ -34,29 +59,52 @@ def task_gradients(
     create_graph: bool,
     vmap_tasks: bool = True,
     names: Sequence[str] | None = None,
+    chunk_size: int | None = None,
 ) -> Tuple[Dict[str, Tensor], Tensor]:
     """Gradient of each task's mean loss w.r.t. that task's parameters (those in ``names``,
     default all).
 
     Tasks are independent, so differentiating the *sum* of the task losses with respect to the
-    ``(tasks, ...)`` parameters gives every task its own gradient in one backward pass.
+    ``(tasks, ...)`` parameters gives every task its own gradient in one backward pass. With
+    ``chunk_size``, a first-order gradient is accumulated chunk by chunk (one chunk's graph at a
+    time); with ``create_graph`` the loss is checkpointed instead (see :func:`task_losses`).
 
     Returns:
         The pair ``(grads, losses)``, a dict shaped like ``params`` and the ``(tasks,)``
         losses.
     """
-    losses = task_losses(model, params, x, y, loss_fn, vmap_tasks=vmap_tasks)
     names = list(params) if names is None else list(names)
-    grads = torch.autograd.grad(
-        losses.sum(), [params[n] for n in names], create_graph=create_graph, allow_unused=True
-    )
+    inputs = [params[n] for n in names]
+    points = x.shape[1]
+    grads: List[Tensor | None]
+    if create_graph or chunk_size is None or chunk_size >= points:
+        losses = task_losses(
+            model, params, x, y, loss_fn, vmap_tasks=vmap_tasks, chunk_size=chunk_size
+        )
+        grads = list(
+            torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph, allow_unused=True)
+        )
+    else:
+        grads, total = [None for _ in names], x.new_zeros(())
+        for sl in chunk_slices(points, chunk_size):
+            out = task_forward(model, params, x[:, sl], vmap_tasks=vmap_tasks)
+            part = loss_fn(out, y[:, sl]).sum(1)
+            chunk_grads = torch.autograd.grad(part.sum() / points, inputs, allow_unused=True)
+            grads = [
+                c if g is None else (g if c is None else g + c)
+                for g, c in zip(grads, chunk_grads, strict=True)
+            ]
+            total = total + part.detach()
+        losses = total / points
+    result: Dict[str, Tensor] = {}
     for name, g in zip(names, grads, strict=True):
         if g is None:
             raise ValueError(
                 f"parameter '{name}' got no gradient from the inner loss; freeze it "
                 "(requires_grad=False) or exclude it from the model's forward pass."
             )
-    return dict(zip(names, grads, strict=True)), losses
+        result[name] = g
+    return result, losses
 
 
 LR = Union[float, Tensor, Mapping[str, Tensor]]
@@ -88,8 +136,10 @@ def first_order_steps(
     lr: float,
     vmap_tasks: bool = True,
     names: Sequence[str] | None = None,
+    chunk_size: int | None = None,
 ) -> Tuple[Params, Tensor]:
-    """``steps`` SGD steps with no graph kept between them.
+    """``steps`` SGD steps with no graph kept between them (``chunk_size``: see
+    :func:`task_losses`).
 
     Returns:
         Detached parameters after the steps and the ``(steps, tasks)`` losses before each step.
@@ -100,7 +150,15 @@ def first_order_steps(
         with torch.enable_grad():
             leaves = detached_leaves(current)
             grads, losses = task_gradients(
-                model, leaves, x, y, loss_fn, create_graph=False, vmap_tasks=vmap_tasks, names=names
+                model,
+                leaves,
+                x,
+                y,
+                loss_fn,
+                create_graph=False,
+                vmap_tasks=vmap_tasks,
+                names=names,
+                chunk_size=chunk_size,
             )
         with torch.no_grad():
             current = sgd_update(current, grads, lr)

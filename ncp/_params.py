@@ -111,6 +111,12 @@ def task_forward(
     return torch.stack(outs)
 
 
+def chunk_slices(points: int, chunk_size: int | None) -> List[slice]:
+    """Consecutive slices of at most ``chunk_size`` points (one slice when None)."""
+    size = points if chunk_size is None else chunk_size
+    return [slice(s, min(s + size, points)) for s in range(0, points, size)]
+
+
 def task_slice(params: Mapping[str, Tensor], i: int) -> Dict[str, Tensor]:
     """The parameters of task ``i`` (no task dimension)."""
     return {k: v[i] for k, v in params.items()}

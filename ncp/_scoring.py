@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ._params import (
+    chunk_slices,
     forward_hooks,
     head_params,
     parametrised_modules,
@@ -174,11 +175,6 @@ def _exact_head_score(
     return sq.sqrt()
 
 
-def _chunks(n: int, chunk_size: int | None) -> list:
-    size = n if chunk_size is None else chunk_size
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
-
-
 def gradncp_scores(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -201,7 +197,7 @@ def gradncp_scores(
         p_i = task_slice(params, i)
         hp = head_params(p_i, head)
         parts = []
-        for sl in _chunks(n, chunk_size):
+        for sl in chunk_slices(n, chunk_size):
             phi, dz = _head_io(model, head, module, p_i, x[i, sl], y[i, sl], loss_fn)
             if closed_form and phi.dim() == 2:
                 parts.append(
@@ -233,7 +229,7 @@ def loss_scores(
     with torch.no_grad():
         parts = [
             loss_fn(task_forward(model, detached, x[:, sl], vmap_tasks=vmap_tasks), y[:, sl])
-            for sl in _chunks(x.shape[1], chunk_size)
+            for sl in chunk_slices(x.shape[1], chunk_size)
         ]
     scores = torch.cat(parts, dim=1)
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
