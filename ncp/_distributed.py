@@ -20,7 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 class _AverageGradient(torch.autograd.Function):
-    """Identity forward; backward all-reduces the gradient and divides by the group size."""
+    """Identity forward; backward all-reduces the gradient and divides by the group size.
+
+    The all-reduce has no autograd formula: a backward that builds a graph
+    (``create_graph=True``) raises rather than differentiate through it as if it were the
+    identity, which would give silently wrong higher-order gradients.
+    """
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
@@ -29,6 +34,13 @@ class _AverageGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
+        if torch.is_grad_enabled() and grad.requires_grad:
+            raise RuntimeError(
+                "the meta-gradient of a DistributedDataParallel model is averaged across ranks "
+                "by an all-reduce, which cannot be differentiated; call backward without "
+                "create_graph=True (higher-order derivatives of the meta-loss are not supported "
+                "in a distributed run)."
+            )
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad / dist.get_world_size(group=ctx.group), None
