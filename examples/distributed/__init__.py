@@ -1,0 +1,1 @@
+"""Distributed meta-training with DistributedDataParallel (launched by torchrun)."""
