@@ -8,6 +8,7 @@ from typing import Callable, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
 from ._config import MetaConfig
@@ -125,9 +126,14 @@ def _prepare_pruner(
     return pruner
 
 
-def _check_learned_lr(learned_lr: LearnedLR | None, names: list[str], steps: int) -> None:
+def _check_learned_lr(
+    learned_lr: LearnedLR | None, names: list[str], steps: int
+) -> LearnedLR | None:
+    """Validate the learned rates (unwrapping a DDP wrapper: ncp averages their gradients)."""
     if learned_lr is None:
-        return
+        return None
+    if isinstance(learned_lr, DistributedDataParallel):
+        learned_lr = learned_lr.module
     if not isinstance(learned_lr, LearnedLR):
         raise TypeError(
             f"`learned_lr` must be an ncp.LearnedLR or None, got {type(learned_lr).__name__}."
@@ -138,6 +144,7 @@ def _check_learned_lr(learned_lr: LearnedLR | None, names: list[str], steps: int
             f"`learned_lr` has rates for {learned_lr.steps} steps but cfg.inner_steps={steps}; "
             f"build it with ncp.LearnedLR(model, steps={steps})."
         )
+    return learned_lr
 
 
 def _step_lr(
@@ -208,7 +215,7 @@ def meta_step(
     check_device(model, cx, cy, qx, qy)
     check_norm_layers(model)
     names = adapted_names(model, cfg.adapt_only)
-    _check_learned_lr(learned_lr, names, cfg.inner_steps)
+    learned_lr = _check_learned_lr(learned_lr, names, cfg.inner_steps)
     tasks = cx.shape[0]
     params = init_params(model, tasks, wrap=wrap)
     _check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
@@ -324,7 +331,7 @@ def adapt(
     names = adapted_names(model, cfg.adapt_only)
     if learned_lr is not None and lr is not None:
         raise ValueError("pass either `lr` or `learned_lr` to ncp.adapt, not both.")
-    _check_learned_lr(learned_lr, names, 1)
+    learned_lr = _check_learned_lr(learned_lr, names, 1)
     steps = cfg.inner_steps if steps is None else steps
     lr = cfg.inner_lr if lr is None else lr
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -203,6 +203,14 @@ def _rank_checks(rank: int) -> dict:
 
     result.update(_outer_steps(ddp, model, x, y))
     result["reducer_calls"] = len(reducer_calls)
+
+    # Learned rates wrapped in DDP too (a user's first guess) give the same averaged gradients.
+    for key, wrapped in (("rates_plain", False), ("rates_ddp", True)):
+        model.zero_grad()
+        rates = _rates(model)
+        given = DistributedDataParallel(rates) if wrapped else rates
+        ncp.meta_step(ddp, (x, y), CFG, learned_lr=given).loss.backward()
+        result[key] = _grads(rates.named_parameters())
     return result
 
 
@@ -271,6 +279,12 @@ def test_learned_rate_gradients_are_averaged(ranks, reference):
     assert reference["rates"]["rates.0"].abs().min() > 0
     for result in ranks:
         _assert_grads_equal(result["rates"], reference["rates"], **EXACT)
+
+
+def test_ddp_wrapped_learned_rates_are_accepted(ranks):
+    for result in ranks:
+        _assert_grads_equal(result["rates_ddp"], result["rates_plain"], **EXACT)
+    assert ranks[0]["rates_ddp"]["rates.0"].abs().min() > 0
 
 
 def test_ddp_reducer_never_runs(ranks):
