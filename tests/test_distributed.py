@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from torch.testing import assert_close
 import ncp
 from examples.distributed import train_ddp
 from tests import _models
+from tests._docpages import diff_sides, named_blocks
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
@@ -44,11 +44,6 @@ CFG = ncp.MetaConfig(
 CHUNKED = dataclasses.replace(CFG, chunk_size=5)  # checkpointed query loss, recomputed in backward
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "distributed" / "train_ddp.py"
-PAGE = ROOT / "docs" / "distributed.md"
-_NAMED_BLOCK = re.compile(
-    r"^```\{code-block\} (?P<lang>\w+)\n:name: (?P<name>[\w-]+)\n\n(?P<body>.*?)^```$",
-    re.MULTILINE | re.DOTALL,
-)
 
 
 def _problem():
@@ -99,23 +94,6 @@ def _adapt(model, x, y):
     return dict(ncp.adapt(model, x, y, CFG, steps=2, rescaler=ncp.GradRescaler()))
 
 
-def _page_blocks() -> Dict[str, str]:
-    return {m["name"]: m["body"] for m in _NAMED_BLOCK.finditer(PAGE.read_text())}
-
-
-def _diff_sides(diff: str) -> tuple[str, str]:
-    """The old and the new file of a diff without hunk headers."""
-    old, new = [], []
-    for line in diff.splitlines():
-        tag, body = (line[:1], line[1:]) if line else (" ", "")
-        assert tag in " -+", f"not a diff line: {line!r}"
-        if tag in " -":
-            old.append(body)
-        if tag in " +":
-            new.append(body)
-    return "\n".join(old) + "\n", "\n".join(new) + "\n"
-
-
 def _page_model() -> torch.nn.Module:
     """The page's ``make_model()``: a float64 field network, seeded."""
     torch.manual_seed(0)
@@ -130,7 +108,7 @@ def _page_batch():
 
 def _run_page_loop(rank: int, port: int) -> Dict[str, torch.Tensor]:
     """Run the distributed loop of docs/distributed.md as written, on this rank's half."""
-    _, code = _diff_sides(_page_blocks()["distributed-diff"])
+    _, code = diff_sides(named_blocks("distributed.md")["distributed-diff"])
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(env, WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     x, y = _page_batch()
@@ -320,8 +298,8 @@ def test_adapt_unwraps_without_collectives(ranks):
 
 
 def test_page_diff_applies_to_the_single_process_loop():
-    blocks = _page_blocks()
-    old, new = _diff_sides(blocks["distributed-diff"])
+    blocks = named_blocks("distributed.md")
+    old, new = diff_sides(blocks["distributed-diff"])
     assert old == blocks["distributed-before"]
     lines = blocks["distributed-diff"].splitlines()
     added = [ln for ln in lines if ln.startswith("+")]
@@ -336,7 +314,7 @@ def test_page_loop_runs_and_matches_one_process_on_all_tasks(ranks):
     as its single-process loop on the whole batch."""
     x, y = _page_batch()
     before = {"make_model": _page_model, "loader": [(x, y)]}
-    exec(_page_blocks()["distributed-before"], before)
+    exec(named_blocks("distributed.md")["distributed-before"], before)
     want = {n: p.detach() for n, p in before["model"].named_parameters()}
     start = dict(_page_model().named_parameters())
     assert all(not torch.equal(want[n], start[n]) for n in want)  # the step moved every tensor

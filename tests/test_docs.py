@@ -15,13 +15,14 @@ import re
 import runpy
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
 from torch import nn
 
 import ncp
+from tests._docpages import diff_sides, named_blocks
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 API_PAGE = DOCS / "api.rst"
@@ -29,10 +30,6 @@ API_PAGE = DOCS / "api.rst"
 _AUTODOC = re.compile(
     r"^\.\.\s+auto(?:module|class|function|method|attribute|property|data|exception)::\s+(\S+)",
     re.MULTILINE,
-)
-_NAMED_BLOCK = re.compile(
-    r"^```\{code-block\} (?P<lang>\w+)\n:name: (?P<name>[\w-]+)\n\n(?P<body>.*?)^```$",
-    re.MULTILINE | re.DOTALL,
 )
 
 
@@ -162,24 +159,6 @@ def test_entry_points_have_an_example_that_calls_them(name: str):
 # --- the code on the pages runs ----------------------------------------------------------------
 
 
-def _blocks(page: str) -> Dict[str, str]:
-    text = (DOCS / page).read_text()
-    return {m["name"]: m["body"] for m in _NAMED_BLOCK.finditer(text)}
-
-
-def _diff_sides(diff: str) -> tuple[str, str]:
-    """The old and the new file of a diff without hunk headers (blank lines are context)."""
-    old, new = [], []
-    for line in diff.splitlines():
-        tag, body = (line[:1], line[1:]) if line else (" ", "")
-        if tag in " -":
-            old.append(body)
-        if tag in " +":
-            new.append(body)
-        assert tag in " -+", f"not a diff line: {line!r}"
-    return "\n".join(old) + "\n", "\n".join(new) + "\n"
-
-
 def _make_model() -> nn.Module:
     """A small field network standing in for the page's ``make_model()``, seeded."""
     g = torch.Generator().manual_seed(0)
@@ -196,8 +175,8 @@ def _batch(seed: int, tasks: int = 2, points: int = 64):
 
 
 def test_quickstart_diff_applies_to_the_plain_loop():
-    blocks = _blocks("quickstart.md")
-    old, new = _diff_sides(blocks["quickstart-diff"])
+    blocks = named_blocks("quickstart.md")
+    old, new = diff_sides(blocks["quickstart-diff"])
     assert old == blocks["quickstart-before"]
     added = [line for line in blocks["quickstart-diff"].splitlines() if line.startswith("+")]
     assert len(added) == 5, "the quickstart's prose says five lines are added"
@@ -205,12 +184,12 @@ def test_quickstart_diff_applies_to_the_plain_loop():
 
 
 def test_quickstart_code_runs_and_the_maml_config_reproduces_the_plain_loop():
-    blocks = _blocks("quickstart.md")
+    blocks = named_blocks("quickstart.md")
     x, y = _batch(1)
 
     before = {"make_model": _make_model, "loader": [(x, y)]}
     exec(blocks["quickstart-before"], before)
-    _, new = _diff_sides(blocks["quickstart-diff"])
+    _, new = diff_sides(blocks["quickstart-diff"])
     after = {"make_model": _make_model, "loader": [(x, y)]}
     exec(new, after)
     assert isinstance(after["out"], ncp.MetaStepResult)
@@ -234,7 +213,7 @@ def test_quickstart_code_runs_and_the_maml_config_reproduces_the_plain_loop():
 
 
 def test_concepts_code_runs():
-    blocks = _blocks("concepts.md")
+    blocks = named_blocks("concepts.md")
     x, y = _batch(3)
     cfg = ncp.MetaConfig(inner_steps=2, pruner=ncp.ContextPruner(ratio=0.25))
 

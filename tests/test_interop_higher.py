@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Dict, List
 
 import higher
@@ -20,9 +18,9 @@ from torch.testing import assert_close
 import ncp
 from ncp.interop.higher import bootstrap_loss, fast_params, prune, rescale_callback
 from tests import _models
+from tests._docpages import diff_sides, named_blocks
 
 F64 = dict(rtol=1e-9, atol=1e-11)
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def data(tasks=3, points=24, d_in=2, d_out=1, seed=0, dtype=torch.float64):
@@ -322,28 +320,6 @@ def test_import_ncp_does_not_import_higher():
 
 # --- the docs page's code ------------------------------------------------------------------------
 
-_NAMED_BLOCK = re.compile(
-    r"^```\{code-block\} (?P<lang>\w+)\n:name: (?P<name>[\w-]+)\n\n(?P<body>.*?)^```$",
-    re.MULTILINE | re.DOTALL,
-)
-
-
-def _blocks() -> Dict[str, str]:
-    text = (DOCS / "interop_higher.md").read_text()
-    return {m["name"]: m["body"] for m in _NAMED_BLOCK.finditer(text)}
-
-
-def _diff_sides(diff: str) -> tuple[str, str]:
-    old, new = [], []
-    for line in diff.splitlines():
-        tag, body = (line[:1], line[1:]) if line else (" ", "")
-        assert tag in " -+", f"not a diff line: {line!r}"
-        if tag in " -":
-            old.append(body)
-        if tag in " +":
-            new.append(body)
-    return "\n".join(old) + "\n", "\n".join(new) + "\n"
-
 
 def _make_model() -> nn.Module:
     g = torch.Generator().manual_seed(0)
@@ -366,8 +342,8 @@ def _page_meta_grads(code: str, x, y):
 
 
 def test_docs_page_diff_gives_meta_step_gradients_and_test_time_gives_adapt():
-    blocks = _blocks()
-    old, new = _diff_sides(blocks["higher-diff"])
+    blocks = named_blocks("interop_higher.md")
+    old, new = diff_sides(blocks["higher-diff"])
     assert old == blocks["higher-before"]
     x, y = _batch(1)
     tol = dict(rtol=1e-4, atol=1e-6)  # float32, as on the page

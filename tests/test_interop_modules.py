@@ -11,7 +11,6 @@ import re
 import sys
 import types
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import pytest
@@ -27,8 +26,8 @@ import ncp
 from ncp.interop import modules as interop_modules
 from ncp.interop.modules import FunctionalModel, params_of
 from tests import _models
+from tests._docpages import DOCS, diff_sides, named_blocks
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 D = torch.float64
 
 
@@ -805,28 +804,6 @@ def test_adapt_only_parameter_unused_by_the_inner_loss_is_an_error():
 
 # --- the docs page's code -------------------------------------------------------------------------
 
-_NAMED_BLOCK = re.compile(
-    r"^```\{code-block\} (?P<lang>\w+)\n:name: (?P<name>[\w-]+)\n\n(?P<body>.*?)^```$",
-    re.MULTILINE | re.DOTALL,
-)
-
-
-def _blocks() -> Dict[str, str]:
-    text = (DOCS / "interop.md").read_text()
-    return {m["name"]: m["body"] for m in _NAMED_BLOCK.finditer(text)}
-
-
-def _diff_sides(diff: str) -> tuple[str, str]:
-    old, new = [], []
-    for line in diff.splitlines():
-        tag, body = (line[:1], line[1:]) if line else (" ", "")
-        assert tag in " -+", f"not a diff line: {line!r}"
-        if tag in " -":
-            old.append(body)
-        if tag in " +":
-            new.append(body)
-    return "\n".join(old) + "\n", "\n".join(new) + "\n"
-
 
 def _page_batch(seed: int, tasks: int = 2, points: int = 64):
     g = torch.Generator().manual_seed(seed)
@@ -853,7 +830,7 @@ TOL = dict(rtol=1e-4, atol=1e-6)  # float32, as on the page
 
 
 def _check_diff(blocks: Dict[str, str], prefix: str) -> tuple[str, str]:
-    old, new = _diff_sides(blocks[f"{prefix}-diff"])
+    old, new = diff_sides(blocks[f"{prefix}-diff"])
     assert old == blocks[f"{prefix}-before"]
     assert "ncp." in new
     return old, new
@@ -877,7 +854,7 @@ def _page_grads(code: str, **ns) -> tuple[dict, List[Tensor]]:
 
 def test_docs_learn2learn_diff_gives_meta_step_gradients(monkeypatch):
     monkeypatch.setitem(sys.modules, "learn2learn", _standin_l2l())
-    blocks = _blocks()
+    blocks = named_blocks("interop.md")
     old, new = _check_diff(blocks, "modules-l2l")
     x, y = _page_batch(1)
 
@@ -900,7 +877,7 @@ def _page_meta_mlp() -> nn.Module:
 
 
 def test_docs_torchmeta_diff_gives_meta_step_gradients():
-    blocks = _blocks()
+    blocks = named_blocks("interop.md")
     old, new = _check_diff(blocks, "modules-torchmeta")
     x, y = _page_batch(2)
     _, before = _page_grads(old, make_model=_page_meta_mlp, loader=[(x, y)])
@@ -913,7 +890,7 @@ def test_docs_torchmeta_diff_gives_meta_step_gradients():
 
 
 def test_docs_weights_diff_gives_meta_step_gradients_in_the_users_weights():
-    blocks = _blocks()
+    blocks = named_blocks("interop.md")
     old, new = _check_diff(blocks, "modules-weights")
     x, y = _page_batch(3)
     ns_old, before = _page_grads(old, loader=[(x, y)])
@@ -936,7 +913,7 @@ def test_docs_weights_diff_gives_meta_step_gradients_in_the_users_weights():
 
 
 def test_docs_modulations_diff_gives_meta_step_gradients_and_adapts_the_modulations():
-    blocks = _blocks()
+    blocks = named_blocks("interop.md")
     old, new = _check_diff(blocks, "modules-modulations")
     classes = _run(blocks["modules-modulations-model"])
     x, y = _page_batch(4)
