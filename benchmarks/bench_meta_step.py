@@ -27,105 +27,27 @@ tensors).
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict
 
 import torch
-from torch import Tensor
 
 import ncp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.neural_fields.models import Siren
-
-MB = 1e6
-
-
-def image_batch(
-    resolution: int, tasks: int, *, seed: int = 0, waves: int = 6
-) -> tuple[Tensor, Tensor]:
-    """Smooth random RGB images as a neural-field batch.
-
-    Each channel is a sum of ``waves`` plane waves with frequencies of at most 3 periods across
-    the image (amplitude falling as 1/frequency), rescaled to [0, 1]: low-frequency content,
-    not white noise.
-
-    Returns:
-        ``x`` ``(tasks, resolution**2, 2)`` coordinates on ``[-1, 1]^2`` and ``y``
-        ``(tasks, resolution**2, 3)`` values in ``[0, 1]``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    axis = torch.linspace(-1.0, 1.0, resolution)
-    coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
-    freqs = (torch.rand(tasks, 3, waves, 2, generator=g) * 2 - 1) * 3.0  # periods over [-1, 1]
-    phases = torch.rand(tasks, 3, waves, generator=g) * 2 * math.pi
-    amps = 1.0 / (1.0 + freqs.norm(dim=-1))
-    # (tasks, 3, waves, points) -> (tasks, points, 3)
-    arg = math.pi * torch.einsum("tcwd,pd->tcwp", freqs, coords) + phases[..., None]
-    y = (amps[..., None] * torch.sin(arg)).sum(2).transpose(1, 2)
-    lo, hi = y.amin(1, keepdim=True), y.amax(1, keepdim=True)
-    y = (y - lo) / (hi - lo)
-    x = coords.expand(tasks, -1, -1).contiguous()
-    return x, y.contiguous()
-
-
-@dataclass
-class Measurement:
-    name: str
-    times_s: List[float] = field(default_factory=list)
-    peak_saved_bytes: int = 0
-    peak_cuda_bytes: int | None = None
-
-    @property
-    def time_s(self) -> float:
-        return statistics.median(self.times_s)
-
-    @property
-    def min_time_s(self) -> float:
-        return min(self.times_s)
-
-
-def _synchronize(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def metered_step(
-    name: str,
-    model: torch.nn.Module,
-    batch: tuple[Tensor, Tensor],
-    cfg: ncp.MetaConfig,
-    device: torch.device,
-) -> Measurement:
-    """The untimed warm-up step of a variant, under ``MemoryMeter``."""
-    with ncp.MemoryMeter(device) as meter:
-        out = ncp.meta_step(model, batch, cfg)
-        out.loss.backward()
-        del out
-    model.zero_grad(set_to_none=True)
-    return Measurement(name, [], meter.peak_saved_bytes, meter.peak_cuda_bytes)
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds ``fn`` takes, synchronising CUDA around it."""
-    sync = _synchronize(device)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def outer_step(model: torch.nn.Module, batch: tuple[Tensor, Tensor], cfg: ncp.MetaConfig) -> None:
-    out = ncp.meta_step(model, batch, cfg)
-    out.loss.backward()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    MB,
+    Siren,
+    device_name,
+    image_batch,
+    metered_step,
+    outer_step,
+    timed,
+    warm_up,
+)
 
 
 def run(
@@ -149,10 +71,7 @@ def run(
 
     # One cheap step first, so one-time costs (thread pools, cuBLAS handles and workspaces)
     # fall on no variant's warm-up.
-    warm = ncp.meta_step(model, batch, ncp.MetaConfig(inner_steps=1, pruner=None, bootstrap=None))
-    warm.loss.backward()
-    del warm
-    model.zero_grad(set_to_none=True)
+    warm_up(model, batch)
 
     results = {name: metered_step(name, model, batch, cfg, dev) for name, cfg in variants.items()}
     pruner, k = gradncp.pruner, gradncp.inner_steps
@@ -182,9 +101,7 @@ def run(
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev)
-            if dev.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_name(dev),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "seed": seed,

@@ -131,14 +131,19 @@ class ContextPruner:
                 the model's own parameters for every task.
             loss_fn: per-point loss.
         """
+        return self._scores(model, self._boundary(model, x, y, params), x, y, loss_fn)
+
+    def _boundary(
+        self, model: nn.Module, x: Tensor, y: Tensor, params: Mapping[str, Tensor] | None
+    ) -> Mapping[str, Tensor]:
+        """Validate a public call's inputs; the per-task parameters to score at."""
         check_pair(x, y)
         check_device(model, x, y)
-        if params is None:
-            params = init_params(model, x.shape[0], detach=True)
-        else:
-            check_params(model, params, x.shape[0])
         self._check_generator(x)
-        return self._scores(model, params, x, y, loss_fn)
+        if params is None:
+            return init_params(model, x.shape[0], detach=True)
+        check_params(model, params, x.shape[0])
+        return params
 
     def _check_generator(self, x: Tensor) -> None:
         if self.generator is not None and self.generator.device != x.device:
@@ -198,12 +203,6 @@ class ContextPruner:
         Returns:
             :class:`Pruned` with the kept ``x``, ``y`` and their ``indices`` ``(tasks, k)``.
         """
-        check_pair(x, y)
-        check_device(model, x, y)
+        params = self._boundary(model, x, y, params)
         self.keep(x.shape[1])
-        self._check_generator(x)
-        if params is None:
-            params = init_params(model, x.shape[0], detach=True)
-        else:
-            check_params(model, params, x.shape[0])
         return self._select(model, params, x, y, loss_fn)
