@@ -25,7 +25,7 @@ step; ``K`` times it estimates the step's scoring share.
 
 Runs with ``torch.set_num_threads(--threads)``, 2 by default (both cores of the CPU machine
 this was written on). Run ``python benchmarks/bench_scale.py --help`` for the flags; the
-defaults take about 10 minutes there, most of it the single 1024x1024 step.
+defaults take about 6 minutes there, half of it the single 1024x1024 step.
 """
 
 from __future__ import annotations

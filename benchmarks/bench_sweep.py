@@ -17,13 +17,13 @@ Every variant at every size runs in a fresh Python process (``_common.run_isolat
    "RSS above" is what the steps themselves added.
 
 A variant is run only when its peak RSS, predicted from the largest size it ran at (memory
-grows linearly with tasks x points), stays under ``--mem-limit-gb`` (default 80 % of the
-memory available at start). Where MAML K=16 does not fit it is estimated, marked ``~``, from
-MAML K=4 measured at that size and the largest smaller size where both ran: saved bytes as
-``saved_4 + 12 * b * points * tasks``, ``b`` the per-point-step bytes
-``(saved_16 - saved_4) / (12 * points * tasks)`` measured there; time as ``t_4 * t_16 / t_4``
-with the ratio measured there (seconds per point-step change with the size on CPU, bytes do
-not); peak RSS as MAML K=4's plus the extra saved bytes.
+grows linearly with tasks x points; before any run, from 20.3 KB per point-step), stays under
+``--mem-limit-gb`` (default 80 % of the memory available at start). Where MAML K=16 does not
+fit it is estimated, marked ``~``, from MAML K=4 measured at that size and the largest smaller
+size where both ran: saved bytes as ``saved_4 + 12 * b * points * tasks``, ``b`` the
+per-point-step bytes ``(saved_16 - saved_4) / (12 * points * tasks)`` measured there; time as
+``t_4 * t_16 / t_4`` with the ratio measured there (seconds per point-step change with the size
+on CPU, bytes do not); peak RSS as MAML K=4's plus the extra saved bytes.
 
 Variants run one after another (not round-robin as in ``bench_meta_step.py``): single-repeat
 times on a shared 2-core VM vary by 10-20 % from run to run, so read the ratios, not the last
@@ -142,6 +142,13 @@ def predicted_rss(ref: Mapping[str, Any], scale: float) -> float:
     return ref["setup_rss_bytes"] + above * scale
 
 
+def first_guess_rss(variant: Mapping[str, Any], points: int) -> float:
+    """Peak RSS before anything was measured: 20.3 KB per point-step of the inner graph (SIREN
+    5x256, float32), times 1.5 for what RSS holds beyond the saved tensors, plus 0.4 GB."""
+    kept = points * (1.0 if variant["ratio"] is None else variant["ratio"])
+    return 0.4e9 + 1.5 * 20.3e3 * variant["k"] * kept
+
+
 def _measured(m: Mapping[str, Any] | None) -> bool:
     return m is not None and not m.get("skipped", True)
 
@@ -199,11 +206,12 @@ def run(
         pts = res * res * t
         rows: Dict[str, Any] = {}
         for name, variant in table.items():
-            predicted = None
             if name in last:
                 ref_pts, ref = last[name]
                 predicted = predicted_rss(ref, pts / ref_pts)
-            if predicted is not None and predicted > mem_limit_bytes:
+            else:
+                predicted = first_guess_rss(variant, pts)
+            if predicted > mem_limit_bytes:
                 rows[name] = {"skipped": True, "predicted_rss_bytes": predicted}
                 print(
                     f"  {res}x{res} {name}: skipped, predicted peak RSS "
@@ -284,7 +292,7 @@ def report(res: Mapping[str, Any]) -> str:
     s = res["setup"]
     lines = [
         header(
-            f"ncp outer-step sweep: {s['model']}, {s['dtype']}, chunk_size={s['chunk_size']}, "
+            f"ncp outer-step sweep: {s['model']}, {s['dtype']}, chunk_size={s.get('chunk_size')}, "
             "one fresh process per variant",
             s,
             res["load_average_1min_end"],
