@@ -274,3 +274,11 @@ def fmt_bytes(n: float | None, unit: float = MB) -> str:
 
 def fmt_ratio(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def memory_limit_bytes(limit_gb: float | None) -> float | None:
+    """``limit_gb`` in bytes, or 80 % of MemAvailable; None when neither is known."""
+    if limit_gb is not None:
+        return limit_gb * GB
+    available = meminfo_bytes("MemAvailable")
+    return None if available is None else 0.8 * available

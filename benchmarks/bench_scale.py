@@ -50,7 +50,7 @@ from _common import (
     fmt_bytes,
     header,
     image_batch,
-    meminfo_bytes,
+    memory_limit_bytes,
     metered_step,
     outer_step,
     peak_rss_bytes,
@@ -280,12 +280,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if min(args.resolutions) < 16 or args.chunk_size < 1 or args.threads < 1 or args.repeats < 0:
         parser.error("--resolutions >= 16, --chunk-size >= 1, --threads >= 1, --repeats >= 0")
-    available = meminfo_bytes("MemAvailable")
-    if args.mem_limit_gb is not None:
-        limit = args.mem_limit_gb * GB
-    elif available is not None:
-        limit = 0.8 * available
-    else:
+    limit = memory_limit_bytes(args.mem_limit_gb)
+    if limit is None:
         parser.error("cannot read MemAvailable; pass --mem-limit-gb")
     results = run(
         resolutions=args.resolutions,

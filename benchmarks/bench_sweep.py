@@ -55,7 +55,7 @@ from _common import (
     fmt_ratio,
     header,
     image_batch,
-    meminfo_bytes,
+    memory_limit_bytes,
     metered_step,
     outer_step,
     peak_rss_bytes,
@@ -408,12 +408,8 @@ if __name__ == "__main__":
         parser.error("--sizes must be ascending and >= 16 (the warm-up uses 256 points)")
     if min(args.tasks) < 1 or min(args.repeats) < 0 or args.threads < 1:
         parser.error("--tasks >= 1, --repeats >= 0, --threads >= 1")
-    available = meminfo_bytes("MemAvailable")
-    if args.mem_limit_gb is not None:
-        limit = args.mem_limit_gb * GB
-    elif available is not None:
-        limit = 0.8 * available
-    else:
+    limit = memory_limit_bytes(args.mem_limit_gb)
+    if limit is None:
         parser.error("cannot read MemAvailable; pass --mem-limit-gb")
     results = run(
         sizes=args.sizes,

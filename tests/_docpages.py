@@ -6,6 +6,9 @@ import re
 from pathlib import Path
 from typing import Dict, Tuple
 
+import torch
+from torch import Tensor, nn
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 _NAMED_BLOCK = re.compile(
@@ -31,3 +34,19 @@ def diff_sides(diff: str) -> Tuple[str, str]:
         if tag in " +":
             new.append(body)
     return "\n".join(old) + "\n", "\n".join(new) + "\n"
+
+
+def page_model() -> nn.Module:
+    """A small seeded field network standing in for the pages' ``make_model()``."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def page_batch(seed: int, tasks: int = 2, points: int = 64) -> Tuple[Tensor, Tensor]:
+    """Coordinates ``(tasks, points, 2)`` and RGB values ``(tasks, points, 3)`` for the pages."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(tasks, points, 2, generator=g), torch.rand(tasks, points, 3, generator=g)

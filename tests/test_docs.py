@@ -19,10 +19,9 @@ from typing import List
 
 import pytest
 import torch
-from torch import nn
 
 import ncp
-from tests._docpages import diff_sides, named_blocks
+from tests._docpages import diff_sides, named_blocks, page_batch, page_model
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 API_PAGE = DOCS / "api.rst"
@@ -159,21 +158,6 @@ def test_entry_points_have_an_example_that_calls_them(name: str):
 # --- the code on the pages runs ----------------------------------------------------------------
 
 
-def _make_model() -> nn.Module:
-    """A small field network standing in for the page's ``make_model()``, seeded."""
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _batch(seed: int, tasks: int = 2, points: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(tasks, points, 2, generator=g), torch.rand(tasks, points, 3, generator=g)
-
-
 def test_quickstart_diff_applies_to_the_plain_loop():
     blocks = named_blocks("quickstart.md")
     old, new = diff_sides(blocks["quickstart-diff"])
@@ -185,27 +169,27 @@ def test_quickstart_diff_applies_to_the_plain_loop():
 
 def test_quickstart_code_runs_and_the_maml_config_reproduces_the_plain_loop():
     blocks = named_blocks("quickstart.md")
-    x, y = _batch(1)
+    x, y = page_batch(1)
 
-    before = {"make_model": _make_model, "loader": [(x, y)]}
+    before = {"make_model": page_model, "loader": [(x, y)]}
     exec(blocks["quickstart-before"], before)
     _, new = diff_sides(blocks["quickstart-diff"])
-    after = {"make_model": _make_model, "loader": [(x, y)]}
+    after = {"make_model": page_model, "loader": [(x, y)]}
     exec(new, after)
     assert isinstance(after["out"], ncp.MetaStepResult)
     assert torch.isfinite(after["loss"]).item()
     # the optimizer step of the edited loop changed the model
     assert not all(
         torch.equal(p, q)
-        for p, q in zip(after["model"].parameters(), _make_model().parameters(), strict=True)
+        for p, q in zip(after["model"].parameters(), page_model().parameters(), strict=True)
     )
 
     # What the page claims: MAML settings of ncp give the removed lines' loss.
     maml = ncp.MetaConfig(inner_steps=4, pruner=None, bootstrap=None)
-    expected = ncp.meta_step(_make_model(), (x, y), maml).loss
+    expected = ncp.meta_step(page_model(), (x, y), maml).loss
     torch.testing.assert_close(before["loss"].detach(), expected.detach())
 
-    x_test, y_test = _batch(2, tasks=3)
+    x_test, y_test = page_batch(2, tasks=3)
     after.update(x_test=x_test, y_test=y_test)
     exec(blocks["quickstart-test-time"], after)
     assert after["pred"].shape == (3, 64, 3)
@@ -214,15 +198,15 @@ def test_quickstart_code_runs_and_the_maml_config_reproduces_the_plain_loop():
 
 def test_concepts_code_runs():
     blocks = named_blocks("concepts.md")
-    x, y = _batch(3)
+    x, y = page_batch(3)
     cfg = ncp.MetaConfig(inner_steps=2, pruner=ncp.ContextPruner(ratio=0.25))
 
-    ns = {"ncp": ncp, "model": _make_model(), "x": x, "y": y, "cfg": cfg}
+    ns = {"ncp": ncp, "model": page_model(), "x": x, "y": y, "cfg": cfg}
     exec(blocks["concepts-memory-meter"], ns)
     assert ns["meter"].peak_saved_bytes > 0
     assert ns["meter"].saved_bytes == 0  # everything freed by backward
 
-    ns = {"model": _make_model(), "x": x, "y": y}
+    ns = {"model": page_model(), "x": x, "y": y}
     exec(blocks["concepts-functional-step"], ns)
     assert ns["idx"].shape == (2, 16)
     assert ns["params"]["2.weight"].shape == (2, 3, 16)

@@ -18,7 +18,7 @@ from torch.testing import assert_close
 import ncp
 from ncp.interop.higher import bootstrap_loss, fast_params, prune, rescale_callback
 from tests import _models
-from tests._docpages import diff_sides, named_blocks
+from tests._docpages import diff_sides, named_blocks, page_batch, page_model
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 
@@ -321,22 +321,8 @@ def test_import_ncp_does_not_import_higher():
 # --- the docs page's code ------------------------------------------------------------------------
 
 
-def _make_model() -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _batch(seed: int, tasks: int = 2, points: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(tasks, points, 2, generator=g), torch.rand(tasks, points, 3, generator=g)
-
-
 def _page_meta_grads(code: str, x, y):
-    ns = {"make_model": _make_model, "loader": [(x, y)]}
+    ns = {"make_model": page_model, "loader": [(x, y)]}
     exec(code, ns)
     return ns, [p.grad for p in ns["model"].parameters()]
 
@@ -345,22 +331,22 @@ def test_docs_page_diff_gives_meta_step_gradients_and_test_time_gives_adapt():
     blocks = named_blocks("interop_higher.md")
     old, new = diff_sides(blocks["higher-diff"])
     assert old == blocks["higher-before"]
-    x, y = _batch(1)
+    x, y = page_batch(1)
     tol = dict(rtol=1e-4, atol=1e-6)  # float32, as on the page
 
     _, before = _page_meta_grads(blocks["higher-before"], x, y)
     maml = ncp.MetaConfig(inner_steps=4, pruner=None, bootstrap=None)
-    for g, w in zip(before, ncp_meta_step(_make_model(), x, y, maml)[1], strict=True):
+    for g, w in zip(before, ncp_meta_step(page_model(), x, y, maml)[1], strict=True):
         assert_close(g, w, **tol)
 
     ns, after = _page_meta_grads(new, x, y)
     cfg = ncp.MetaConfig(
         inner_steps=16, inner_lr=1e-2, pruner=ns["pruner"], bootstrap=ns["bootstrap"]
     )
-    for g, w in zip(after, ncp_meta_step(_make_model(), x, y, cfg)[1], strict=True):
+    for g, w in zip(after, ncp_meta_step(page_model(), x, y, cfg)[1], strict=True):
         assert_close(g, w, **tol)
 
-    x_test, y_test = _batch(2, tasks=2)
+    x_test, y_test = page_batch(2, tasks=2)
     ns.update(x_test=x_test, y_test=y_test)
     exec(blocks["higher-test-time"], ns)
     adapted = ncp.adapt(ns["model"], x_test, y_test, cfg, steps=16, rescaler=ncp.GradRescaler())
