@@ -41,6 +41,18 @@ class Pruned(NamedTuple):
     indices: Tensor
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` name one device; a missing index (``cuda``) means the current one."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (a.index if a.index is not None else current) == (
+            b.index if b.index is not None else current
+        )
+    return a.index == b.index
+
+
 @dataclass(frozen=True, kw_only=True)
 class ContextPruner:
     """Keeps the ``ratio`` fraction of context points with the highest score (paper Sec. 2.2).
@@ -146,7 +158,7 @@ class ContextPruner:
         return params
 
     def _check_generator(self, x: Tensor) -> None:
-        if self.generator is not None and self.generator.device != x.device:
+        if self.generator is not None and not _same_device(self.generator.device, x.device):
             raise ValueError(
                 f"`ContextPruner.generator` is on {self.generator.device} but the context is on "
                 f"{x.device}; create it with torch.Generator(device={str(x.device)!r})."
