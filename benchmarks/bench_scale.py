@@ -86,9 +86,9 @@ def measure(spec: Mapping[str, Any]) -> Dict[str, Any]:
     """One configuration at one size, in its own process (see the module docstring)."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    dev = torch.device("cpu")
-    model = Siren()
-    x, y = image_batch(spec["resolution"], 1, seed=spec["seed"])
+    dev = torch.device(spec["device"])
+    model = Siren().to(dev)
+    x, y = (t.to(dev) for t in image_batch(spec["resolution"], 1, seed=spec["seed"]))
     cfg = config(spec["config"], spec["chunk_size"])
     n = min(x.shape[1], 4096)
     outer_step(model, (x[:, :n], y[:, :n]), cfg)  # warm-up
@@ -111,6 +111,7 @@ def measure(spec: Mapping[str, Any]) -> Dict[str, Any]:
         "times_s": times,
         "time_s": statistics.median(times),
         "peak_saved_bytes": metered.peak_saved_bytes,
+        "peak_cuda_bytes": metered.peak_cuda_bytes,
         "peak_rss_bytes": peak,
         "setup_rss_bytes": base,
         "rss_above_bytes": peak - base if reset and base is not None else None,
@@ -128,9 +129,10 @@ def run(
     repeat_up_to: int,
     seed: int,
     mem_limit_bytes: float,
+    device: str = "cpu",
 ) -> Dict[str, Any]:
     torch.set_num_threads(threads)
-    env = environment("cpu")
+    env = environment(device)
     start = time.perf_counter()
     out: Dict[str, Any] = {name: {} for name in CONFIGS}
     for name, c in CONFIGS.items():
@@ -159,6 +161,7 @@ def run(
                 "threads": threads,
                 "repeats": repeats if points <= repeat_up_to else 0,
                 "seed": seed,
+                "device": device,
             }
             entry.update(run_isolated("bench_scale", "measure", spec))
             entry["skipped"] = False
@@ -182,7 +185,7 @@ def run(
         "configs": CONFIGS,
         "results": out,
         "wall_s": time.perf_counter() - start,
-        "load_average_1min_end": environment("cpu")["load_average_1min"],
+        "load_average_1min_end": environment(device)["load_average_1min"],
     }
 
 
@@ -206,7 +209,8 @@ def report(res: Mapping[str, Any]) -> str:
             "",
             f"GradNCP {name}",
             f"{'size':>10}{'points':>9}{'kept':>8}{'steps':>6}{'time (s)':>10}"
-            f"{'saved (MB)':>12}{'peak RSS (MB)':>15}{'RSS above (MB)':>16}{'scoring':>9}",
+            f"{'saved (MB)':>12}{'peak RSS (MB)':>15}{'RSS above (MB)':>16}{'scoring':>9}"
+            f"{'CUDA peak (MB)':>16}",
         ]
         first = None
         for r in rows.values():
@@ -223,7 +227,7 @@ def report(res: Mapping[str, Any]) -> str:
                 f"{size:>10}{r['points']:>9}{r['kept']:>8}{len(r['times_s']):>6}"
                 f"{r['time_s']:>10.2f}{fmt_bytes(r['peak_saved_bytes']):>12}"
                 f"{fmt_bytes(r['peak_rss_bytes']):>15}{fmt_bytes(r['rss_above_bytes']):>16}"
-                f"{share:>9.1%}"
+                f"{share:>9.1%}{fmt_bytes(r.get('peak_cuda_bytes')):>16}"
             )
         ran = [r for r in rows.values() if not r["skipped"]]
         if len(ran) > 1 and first is not None:
@@ -274,13 +278,17 @@ if __name__ == "__main__":
         "--mem-limit-gb",
         type=float,
         default=None,
-        help="skip runs whose inner graph is predicted above this (default 80%% of MemAvailable)",
+        help="skip runs whose inner graph is predicted above this (default 80%% of MemAvailable, or of the GPU memory with --device cuda)",
     )
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or e.g. 'cuda'")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if min(args.resolutions) < 16 or args.chunk_size < 1 or args.threads < 1 or args.repeats < 0:
         parser.error("--resolutions >= 16, --chunk-size >= 1, --threads >= 1, --repeats >= 0")
-    limit = memory_limit_bytes(args.mem_limit_gb)
+    if args.device.startswith("cuda") and args.mem_limit_gb is None:
+        limit: float | None = 0.8 * torch.cuda.mem_get_info(torch.device(args.device))[1]
+    else:
+        limit = memory_limit_bytes(args.mem_limit_gb)
     if limit is None:
         parser.error("cannot read MemAvailable; pass --mem-limit-gb")
     results = run(
@@ -291,6 +299,7 @@ if __name__ == "__main__":
         repeat_up_to=args.repeat_up_to,
         seed=args.seed,
         mem_limit_bytes=limit,
+        device=args.device,
     )
     print()
     print(report(results))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
 
@@ -22,11 +21,9 @@ from ._params import (
     check_params,
     init_params,
     task_forward,
-    task_slice,
 )
-from ._pruning import ContextPruner
 from ._rescaling import GradRescaler
-from ._scoring import LossFn, find_head
+from ._scoring import LossFn
 from ._validation import check_device, check_finite, check_pair, check_point_losses
 
 
@@ -110,20 +107,6 @@ def _check_loss_fn(
     with torch.no_grad():
         out = loss_fn(task_forward(model, params, x[:, :n], vmap_tasks=vmap_tasks), y[:, :n])
     check_point_losses(out, x.shape[0], n)
-
-
-def _prepare_pruner(
-    pruner: ContextPruner, model: nn.Module, params: Params, x: Tensor, chunk_size: int | None
-) -> ContextPruner:
-    """Validate the pruner against the data; fix its head and chunk size once for the call."""
-    pruner.keep(x.shape[1])
-    pruner._check_generator(x)
-    if pruner.score == "gradncp" and pruner.head is None:
-        head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
-        pruner = dataclasses.replace(pruner, head=head)
-    if pruner.chunk_size is None and chunk_size is not None:
-        pruner = dataclasses.replace(pruner, chunk_size=chunk_size)
-    return pruner
 
 
 def _check_learned_lr(
@@ -222,7 +205,7 @@ def meta_step(
     pruner = (
         None
         if cfg.pruner is None
-        else _prepare_pruner(cfg.pruner, model, params, cx, cfg.chunk_size)
+        else cfg.pruner._prepare(model, params, cx, cy, loss_fn, cfg.chunk_size)
     )
 
     inner, kept = [], []
@@ -362,7 +345,7 @@ def adapt(
     pruner = (
         None
         if cfg.pruner is None
-        else _prepare_pruner(cfg.pruner, model, current, x, cfg.chunk_size)
+        else cfg.pruner._prepare(model, current, x, y, loss_fn, cfg.chunk_size)
     )
 
     def gradient(xs: Tensor, ys: Tensor) -> Tuple[dict[str, Tensor], Tensor]:

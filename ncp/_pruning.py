@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
@@ -10,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from ._params import check_params, init_params
-from ._scoring import SCORES, LossFn, Score, score_points
+from ._params import check_params, init_params, task_slice
+from ._scoring import SCORES, LossFn, Score, check_head, find_head, score_points
 from ._validation import check_device, check_pair
 
 
@@ -143,7 +144,10 @@ class ContextPruner:
                 the model's own parameters for every task.
             loss_fn: per-point loss.
         """
-        return self._scores(model, self._boundary(model, x, y, params), x, y, loss_fn)
+        params = self._boundary(model, x, y, params)
+        if self.score == "gradncp":
+            return self._prepare(model, params, x, y, loss_fn)._scores(model, params, x, y, loss_fn)
+        return self._scores(model, params, x, y, loss_fn)
 
     def _boundary(
         self, model: nn.Module, x: Tensor, y: Tensor, params: Mapping[str, Tensor] | None
@@ -156,6 +160,32 @@ class ContextPruner:
             return init_params(model, x.shape[0], detach=True)
         check_params(model, params, x.shape[0])
         return params
+
+    def _prepare(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        loss_fn: LossFn,
+        chunk_size: int | None = None,
+    ) -> ContextPruner:
+        """Validate against the data once; a copy with the head (and chunk size) fixed.
+
+        The loop bodies (``_select``) then run without checks or head searches.
+        """
+        self.keep(x.shape[1])
+        self._check_generator(x)
+        pruner = self
+        if self.score == "gradncp":
+            head = self.head
+            if head is None:
+                head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
+                pruner = dataclasses.replace(pruner, head=head)
+            check_head(model, params, x, y, loss_fn=loss_fn, head=head)
+        if pruner.chunk_size is None and chunk_size is not None:
+            pruner = dataclasses.replace(pruner, chunk_size=chunk_size)
+        return pruner
 
     def _check_generator(self, x: Tensor) -> None:
         if self.generator is not None and not _same_device(self.generator.device, x.device):
@@ -216,5 +246,4 @@ class ContextPruner:
             :class:`Pruned` with the kept ``x``, ``y`` and their ``indices`` ``(tasks, k)``.
         """
         params = self._boundary(model, x, y, params)
-        self.keep(x.shape[1])
-        return self._select(model, params, x, y, loss_fn)
+        return self._prepare(model, params, x, y, loss_fn)._select(model, params, x, y, loss_fn)

@@ -26,6 +26,7 @@ from ._params import (
     head_params,
     parametrised_modules,
     single_forward,
+    static_tensors,
     task_forward,
     task_slice,
 )
@@ -138,6 +139,7 @@ def _head_io(
     with torch.enable_grad(), forward_hooks({head: module}, hook):
         out = single_forward(model, detached, x)
         losses = loss_fn(out.unsqueeze(0), y.unsqueeze(0))
+        total = losses.sum()  # inside enable_grad: scoring also works under a caller's no_grad
     n = x.shape[0]
     if tuple(losses.shape) != (1, n):
         raise ValueError(
@@ -152,10 +154,35 @@ def _head_io(
             f"the head module '{head}' must keep points as its first dimension ({n}), got input "
             f"{tuple(phi.shape)} and output {tuple(z.shape)}; use score='loss' for this model."
         )
-    (dz,) = torch.autograd.grad(losses.sum(), z, allow_unused=True)
+    dz = torch.autograd.grad(total, z, allow_unused=True)[0] if total.requires_grad else None
     if dz is None:
         raise ValueError(f"the loss does not depend on the output of the head module '{head}'.")
     return phi, dz
+
+
+def check_head(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: LossFn,
+    head: str,
+) -> None:
+    """Raise the precise error for a head GradNCP cannot score, from a few points of task 0.
+
+    Run once at the boundary: the vectorised scorer in the loop bodies has no checks.
+    """
+    n = min(x.shape[1], 8)
+    _head_io(
+        model,
+        head,
+        resolve_head(model, head),
+        task_slice(params, 0),
+        x[0, :n].detach(),
+        y[0, :n].detach(),
+        loss_fn,
+    )
 
 
 def _exact_head_score(
@@ -175,6 +202,63 @@ def _exact_head_score(
     return sq.sqrt()
 
 
+class _Irregular(Exception):
+    """The vectorised scorer met a model it does not handle; the task loop takes over."""
+
+
+def _vmapped_linear_scores(
+    model: nn.Module,
+    head: str,
+    module: nn.Linear,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    weight: bool,
+    bias: bool,
+) -> Tensor:
+    """Closed-form scores of every task at once, ``(tasks, points)``, through ``vmap``.
+
+    ``dl/dz`` is the gradient w.r.t. a zero tensor ``delta`` added to the head's output by a
+    forward hook (``torch.func.grad``), so no hook output leaves the transform; only the ops
+    after the head depend on ``delta``, so the backward pass is as short as in the loop path.
+    """
+    static = static_tensors(model)
+    points = x.shape[1]
+
+    def one(p: Dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        def loss_of(delta: Tensor) -> Tuple[Tensor, Tensor]:
+            seen: Dict[str, Tensor] = {}
+
+            def hook(_name: str, _mod: nn.Module, inputs: tuple, output: object) -> Tensor:
+                if (
+                    seen
+                    or len(inputs) != 1
+                    or not isinstance(output, Tensor)
+                    or inputs[0].dim() != 2
+                    or output.shape != delta.shape
+                ):
+                    raise _Irregular
+                seen["phi"] = inputs[0]
+                return output + delta.to(output.dtype)
+
+            with forward_hooks({head: module}, hook):
+                out = functional_call(model, {**p, **static}, (xi,))
+            if not seen:
+                raise _Irregular
+            losses = loss_fn(out.unsqueeze(0), yi.unsqueeze(0))
+            if tuple(losses.shape) != (1, points):
+                raise _Irregular
+            return losses.sum(), seen["phi"]
+
+        delta = xi.new_zeros(points, module.out_features)
+        dz, phi = grad(loss_of, has_aux=True)(delta)
+        return linear_head_score(phi, dz, weight=weight, bias=bias)
+
+    return vmap(one)(dict(params), x, y)
+
+
 def gradncp_scores(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -185,13 +269,43 @@ def gradncp_scores(
     head: str,
     chunk_size: int | None = None,
     exact: bool = False,
+    vmap_tasks: bool = False,
 ) -> Tensor:
-    """GradNCP scores ``(tasks, points)`` for per-task ``params`` (see module docstring)."""
+    """GradNCP scores ``(tasks, points)`` for per-task ``params`` (see module docstring).
+
+    With ``vmap_tasks`` and a linear head the closed form runs for all tasks in one vectorised
+    pass (fewer, larger kernels: what a GPU wants); otherwise, or when the model does
+    something the vectorised pass does not handle, a loop over tasks.
+    """
     module = resolve_head(model, head)
     own = dict(module.named_parameters(recurse=False))
     closed_form = isinstance(module, nn.Linear) and not exact
     x, y = x.detach(), y.detach()
     tasks, n = x.shape[:2]
+    if closed_form and vmap_tasks:
+        assert isinstance(module, nn.Linear)
+        names = head_params(params, head)
+        detached = {k: v.detach() for k, v in params.items()}
+        try:
+            return torch.cat(
+                [
+                    _vmapped_linear_scores(
+                        model,
+                        head,
+                        module,
+                        detached,
+                        x[:, sl],
+                        y[:, sl],
+                        loss_fn,
+                        weight="weight" in names,
+                        bias=own.get("bias") is not None and "bias" in names,
+                    )
+                    for sl in chunk_slices(n, chunk_size)
+                ],
+                dim=1,
+            )
+        except _Irregular:
+            pass  # the loop below handles the model or raises the precise error
     rows = []
     for i in range(tasks):
         p_i = task_slice(params, i)
@@ -266,7 +380,8 @@ def score_points(
         head: module name of the last layer for ``"gradncp"``; found automatically when None.
         chunk_size: score at most this many points per forward pass.
         generator: random source for ``"random"``.
-        vmap_tasks: vectorise the loss score over tasks with ``torch.func.vmap``.
+        vmap_tasks: vectorise over tasks with ``torch.func.vmap``: the loss score, and on
+            non-CPU devices the closed-form GradNCP score of a linear head.
         exact: for ``"gradncp"``, skip the closed form and differentiate the head per point.
 
     Returns:
@@ -281,5 +396,15 @@ def score_points(
     if head is None:
         head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
     return gradncp_scores(
-        model, params, x, y, loss_fn=loss_fn, head=head, chunk_size=chunk_size, exact=exact
+        model,
+        params,
+        x,
+        y,
+        loss_fn=loss_fn,
+        head=head,
+        chunk_size=chunk_size,
+        exact=exact,
+        # One vectorised pass saves kernel launches on accelerators; on CPU the loop over
+        # tasks runs plain matrix products and was faster (docs/benchmarks.md).
+        vmap_tasks=vmap_tasks and x.device.type != "cpu",
     )

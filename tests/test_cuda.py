@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import ncp
+from ncp._scoring import gradncp_scores
 from tests import _models
 
 pytestmark = pytest.mark.cuda
@@ -53,3 +54,16 @@ def test_memory_meter_reads_cuda_peak():
         ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=2)).loss.backward()
     assert meter.peak_cuda_bytes is not None and meter.peak_cuda_bytes > 0
     assert meter.peak_saved_bytes > 0
+
+
+def test_vectorised_gradncp_scores_on_cuda_equal_the_task_loop():
+    torch.manual_seed(0)
+    model = _models.SigmoidHead(2, 3).cuda()
+    x, y = _data("cuda")
+    params = ncp.functional.init_params(model, x.shape[0], detach=True)
+    head = ncp.functional.find_head(model, {k: v[0] for k, v in params.items()}, x[0, :8])
+    loop = gradncp_scores(model, params, x, y, loss_fn=ncp.losses.mse, head=head, vmap_tasks=False)
+    # on CUDA score_points takes the vectorised path
+    got = ncp.functional.score_points(model, params, x, y, loss_fn=ncp.losses.mse, head=head)
+    assert got.device.type == "cuda"
+    assert_close(got, loop, rtol=1e-4, atol=1e-6)

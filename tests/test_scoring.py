@@ -206,3 +206,26 @@ def test_linear_head_score_formula():
     assert_close(
         ncp.functional.linear_head_score(phi, g, bias=False), torch.tensor([5.0**0.5 * 5.0])
     )
+
+
+def test_scoring_under_a_callers_no_grad_equals_scoring_with_grad():
+    torch.manual_seed(0)
+    model = _models.mlp(2, 3)
+    x, y = torch.randn(2, 10, 2), torch.rand(2, 10, 3)
+    pruner = ncp.ContextPruner(ratio=0.5)
+    with torch.no_grad():
+        inside = pruner.scores(model, x, y)
+        kept = pruner(model, x, y).indices
+    assert_close(inside, pruner.scores(model, x, y))
+    assert torch.equal(kept, pruner(model, x, y).indices)
+
+
+def test_loss_that_ignores_the_head_is_refused():
+    model = _models.mlp(2, 3)
+    x, y = torch.randn(1, 4, 2), torch.rand(1, 4, 3)
+
+    def constant(pred, target):
+        return (target * 0 + 1).sum(-1)
+
+    with pytest.raises(ValueError, match="does not depend on the output of the head"):
+        ncp.ContextPruner().scores(model, x, y, loss_fn=constant)

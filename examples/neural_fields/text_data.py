@@ -5,8 +5,8 @@ random fonts and colours at 178x178. :class:`TextImages` renders such images wit
 fonts that ship with matplotlib (and Debian's DejaVu fonts when installed), deterministically per
 ``(seed, split, index)``, so the train and test splits differ and nothing is stored on disk.
 
-Also here: :func:`image_context`, which turns a batch of images into ncp's context
-``(coordinates, values)``, and :func:`psnr`.
+Re-exported for the demo: :func:`image_context` (from ``signals``), which turns a batch of images
+into ncp's context ``(coordinates, values)``, and :func:`psnr` (from ``metrics``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from typing import List, Sequence, Tuple
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from .metrics import psnr as psnr
+from .signals import grid_coordinates as grid_coordinates
+from .signals import image_context as image_context
 
 ALPHABET = string.ascii_letters + string.digits
 SPLITS = ("train", "test")
@@ -195,59 +199,3 @@ class TextImages(torch.utils.data.Dataset):
     def batch(self, indices: Sequence[int]) -> Tensor:
         """Images ``indices`` stacked into ``(len(indices), resolution, resolution, 3)``."""
         return torch.stack([self[i] for i in indices])
-
-
-def grid_coordinates(height: int, width: int) -> Tensor:
-    """Pixel-centre coordinates on ``[-1, 1]^2``, ``(height * width, 2)``, row-major.
-
-    Point ``r * width + c`` is pixel ``(r, c)``; its coordinates are ``(row, column)`` mapped
-    linearly so that the first row/column is -1 and the last is +1.
-    """
-    for name, n in (("height", height), ("width", width)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"`{name}` must be an int >= 2, got {n!r}.")
-    rows = torch.linspace(-1.0, 1.0, height)
-    cols = torch.linspace(-1.0, 1.0, width)
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
-
-
-def image_context(images: Tensor) -> Tuple[Tensor, Tensor]:
-    """Turn images ``(tasks, H, W, C)`` into ncp's context ``(x, y)``.
-
-    Returns:
-        ``x``: coordinates ``(tasks, H * W, 2)`` from :func:`grid_coordinates`, and ``y``: the
-        pixel values ``(tasks, H * W, C)`` in the same row-major order.
-    """
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(
-            f"`images` must be a tensor (tasks, height, width, channels), got {got}; "
-            "use images.unsqueeze(0) for a single image."
-        )
-    tasks, h, w, c = images.shape
-    coords = grid_coordinates(h, w).to(device=images.device, dtype=images.dtype)
-    return coords.expand(tasks, h * w, 2), images.reshape(tasks, h * w, c)
-
-
-def psnr(pred: Tensor, target: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio in dB of signals in ``[0, 1]``, one value per task.
-
-    ``10 * log10(1 / mse)`` with the mean squared error over all but the first dimension. Clamp
-    ``pred`` to ``[0, 1]`` first to score a displayable image.
-
-    Args:
-        pred: ``(tasks, ...)``.
-        target: same shape as ``pred``.
-
-    Returns:
-        ``(tasks,)``; ``inf`` where ``pred == target``.
-    """
-    if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("`pred` and `target` must be tensors.")
-    if pred.shape != target.shape or pred.dim() < 1:
-        raise ValueError(
-            f"`pred` and `target` must have the same shape (tasks, ...), got "
-            f"{tuple(pred.shape)} and {tuple(target.shape)}."
-        )
-    mse = (pred - target).pow(2).reshape(pred.shape[0], -1).mean(dim=1)
-    return -10.0 * torch.log10(mse)

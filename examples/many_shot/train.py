@@ -1,0 +1,515 @@
+"""Meta-train Conv4 with MAML or GradNCP on many-shot episodes, then evaluate on test episodes.
+
+Run from the repository root::
+
+    python -m examples.many_shot.train --data glyphs --method gradncp --ways 5 --shots 100 \\
+        --run-dir runs/many_shot/glyphs-5w100s/gradncp-s0
+
+Every setting is a flag (``--help``). A run folder holds ``config.json``, ``metrics.jsonl`` (one
+JSON object per logged step), ``checkpoint.pt`` (model, optimizer, random states, step and
+sampler state; a rerun with the same folder resumes from it exactly) and ``result.json`` (test
+accuracy, mean and 95 % confidence interval over the test episodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import ncp
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import data
+from .budget import saved_bytes
+from .episodes import EpisodeSampler
+from .model import Conv4, build_model, count_parameters
+
+METHODS = ("maml", "gradncp")
+DATASETS = ("glyphs", "fashion", "mini-imagenet")
+# Settings that must not change when a run resumes (the rest: horizon, logging, evaluation).
+_FROZEN = (
+    "data",
+    "data_root",
+    "image_size",
+    "fonts",
+    "variants",
+    "split_seed",
+    "ways",
+    "shots",
+    "queries",
+    "tasks",
+    "hidden",
+    "norm",
+    "method",
+    "maml_steps",
+    "inner_steps",
+    "inner_lr",
+    "first_order",
+    "ratio",
+    "score",
+    "boot_steps",
+    "boot_lr",
+    "boot_weight",
+    "outer_lr",
+    "clip",
+    "seed",
+)
+
+
+@dataclass
+class RunConfig:
+    """All settings of one run; the CLI flags map one to one (``--outer-steps`` is
+    ``outer_steps``). Defaults are MAML's mini-ImageNet settings (Finn et al., 2017) and GradNCP's
+    (Tack et al., 2023, Appendix A.2) where the paper's Table 12 gives none; see
+    ``docs/examples_many_shot.md``."""
+
+    # data
+    data: str = "glyphs"
+    data_root: str | None = None
+    image_size: int = 32
+    fonts: str = "debian"
+    variants: int = 2
+    split_seed: int = 0
+    # episodes
+    ways: int = 5
+    shots: int = 100
+    queries: int = 15
+    tasks: int = 4
+    # model
+    hidden: int = 64
+    norm: str = "batch"
+    # method
+    method: str = "gradncp"
+    maml_steps: int = 5
+    inner_steps: int | None = None
+    inner_lr: float = 0.01
+    first_order: bool = False
+    ratio: float = 0.25
+    score: str = "gradncp"
+    boot_steps: int = 5
+    boot_lr: float = 0.05
+    boot_weight: float = 100.0
+    # outer loop
+    outer_steps: int = 500
+    outer_lr: float = 1e-3
+    clip: float | None = None
+    seed: int = 0
+    # evaluation
+    eval_episodes: int = 600
+    eval_tasks: int = 10
+    test_steps: int | None = None
+    eval_seed: int = 1234
+    rescale: str = "grad"
+    # running
+    device: str = "cpu"
+    threads: int | None = None
+    run_dir: str = "runs/many_shot/run"
+    log_every: int = 10
+    ckpt_every: int = 50
+    restart: bool = False
+    evaluate: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "data": DATASETS,
+            "method": METHODS,
+            "fonts": ("builtin", "debian"),
+            "norm": ("batch", "group"),
+            "rescale": ("grad", "loss", "none"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"`--{name.replace('_', '-')}` must be one of {list(allowed)}, got "
+                    f"{getattr(self, name)!r}."
+                )
+        for name in ("outer_steps", "eval_episodes", "eval_tasks", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)!r}."
+                )
+        if self.data == "mini-imagenet" and self.data_root is None:
+            raise ValueError(
+                "`--data mini-imagenet` needs `--data-root`: the folder with images/ and "
+                "train.csv, val.csv, test.csv."
+            )
+
+    @property
+    def horizon(self) -> int:
+        """Inner steps of this run's method: MAML's ``maml_steps``, GradNCP's ``inner_steps``
+        (default ``maml_steps / ratio``, the paper's equal-memory rule)."""
+        if self.method == "maml":
+            return self.maml_steps
+        if self.inner_steps is not None:
+            return self.inner_steps
+        return max(1, round(self.maml_steps / self.ratio))
+
+    @property
+    def test_horizon(self) -> int:
+        """Test-time steps, the same for both methods (paper, Table 12): default GradNCP's
+        horizon ``maml_steps / ratio``."""
+        if self.test_steps is not None:
+            return self.test_steps
+        if self.inner_steps is not None:
+            return self.inner_steps
+        return max(1, round(self.maml_steps / self.ratio))
+
+    @property
+    def channels(self) -> int:
+        """Image channels of the data set."""
+        return 3 if self.data == "mini-imagenet" else 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def meta_config(cfg: RunConfig, method: str | None = None) -> ncp.MetaConfig:
+    """The :class:`ncp.MetaConfig` of ``method`` (default ``cfg.method``)."""
+    method = cfg.method if method is None else method
+    if method == "maml":
+        return ncp.MetaConfig(
+            inner_steps=cfg.maml_steps,
+            inner_lr=cfg.inner_lr,
+            first_order=cfg.first_order,
+            pruner=None,
+            bootstrap=None,
+        )
+    return ncp.MetaConfig(
+        inner_steps=dataclasses.replace(cfg, method="gradncp").horizon,
+        inner_lr=cfg.inner_lr,
+        first_order=cfg.first_order,
+        pruner=ncp.ContextPruner(ratio=cfg.ratio, score=cfg.score),
+        bootstrap=ncp.BootstrapMetaLoss(
+            steps=cfg.boot_steps, lr=cfg.boot_lr, weight=cfg.boot_weight
+        ),
+    )
+
+
+def load_splits(cfg: RunConfig) -> Dict[str, data.ClassImages]:
+    """The class-disjoint splits of ``cfg.data``."""
+    if cfg.data == "mini-imagenet":
+        assert cfg.data_root is not None
+        return data.load_mini_imagenet(cfg.data_root, image_size=cfg.image_size)
+    if cfg.data == "fashion":
+        folder = data.fashion_folder() if cfg.data_root is None else Path(cfg.data_root)
+        return data.load_fashion_mnist(folder, image_size=cfg.image_size, split_seed=cfg.split_seed)
+    return data.load_glyphs(
+        bank_file=cfg.data_root,
+        image_size=cfg.image_size,
+        variants=cfg.variants,
+        fonts=cfg.fonts,
+        split_seed=cfg.split_seed,
+    )
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Mean and half-width of the normal-approximation 95 % confidence interval,
+    ``z * std / sqrt(n)`` with the sample standard deviation (``ddof=1``)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        raise ValueError(f"`values` needs at least 2 entries for a confidence interval, got {v.size}.")
+    return float(v.mean()), float(z * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-task accuracy ``(tasks,)`` of logits ``(tasks, points, ways)``."""
+    return (logits.argmax(-1) == labels).float().mean(1)
+
+
+def evaluate(
+    model: Conv4,
+    cfg: RunConfig,
+    split: data.ClassImages,
+    *,
+    rescale: str | None = None,
+    episodes: int | None = None,
+) -> np.ndarray:
+    """Accuracy on each of ``episodes`` test episodes (seeded by ``cfg.eval_seed``, so every
+    method sees the same episodes).
+
+    Each episode adapts on its full support set for ``cfg.test_horizon`` first-order steps
+    (:func:`ncp.adapt`); GradNCP rescales each gradient to the pruned context's norm
+    (``rescale="grad"``, Eq. 4) unless ``rescale="none"``. MAML never rescales.
+    """
+    rescale = cfg.rescale if rescale is None else rescale
+    episodes = cfg.eval_episodes if episodes is None else episodes
+    meta = meta_config(cfg)
+    rescaler = None
+    if cfg.method == "gradncp" and rescale != "none":
+        rescaler = ncp.GradRescaler(mode=rescale)  # type: ignore[arg-type]
+    sampler = EpisodeSampler(split, cfg.ways, cfg.shots, cfg.queries, seed=cfg.eval_seed)
+    device = torch.device(cfg.device)
+    accs: List[np.ndarray] = []
+    bar = tqdm(total=episodes, desc=f"eval {cfg.method}", unit="ep", disable=not cfg.progress)
+    done = 0
+    while done < episodes:
+        n = min(cfg.eval_tasks, episodes - done)
+        ep = sampler.sample(n).to(device)
+        params = ncp.adapt(
+            model,
+            ep.support_x,
+            ep.support_y,
+            meta,
+            steps=cfg.test_horizon,
+            lr=cfg.inner_lr,
+            rescaler=rescaler,
+            loss_fn=ncp.losses.cross_entropy,
+        )
+        with torch.no_grad():
+            accs.append(accuracy(ncp.forward(model, params, ep.query_x), ep.query_y).cpu().numpy())
+        done += n
+        bar.update(n)
+    bar.close()
+    return np.concatenate(accs)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _check_resume(saved: Dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    now = cfg.to_dict()
+    diff = {k: (saved.get(k), now[k]) for k in _FROZEN if saved.get(k) != now[k]}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise ValueError(
+            f"{path} was written with other settings ({shown}); pass the same flags to resume, "
+            "another --run-dir, or --restart to start over."
+        )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint at ``step`` (they will be redone)."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> Conv4:
+    """Meta-train (resuming from ``cfg.run_dir/checkpoint.pt`` when present) and return the
+    model; writes ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` in ``cfg.run_dir``."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    splits = load_splits(cfg) if splits is None else splits
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    if cfg.restart:
+        for p in (ckpt_path, log_path, run_dir / "result.json"):
+            p.unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    model = build_model(
+        cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed  # type: ignore[arg-type]
+    ).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
+    sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
+    meta = meta_config(cfg)
+    torch.manual_seed(cfg.seed)
+    start = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _check_resume(state["config"], cfg, ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"], device)
+        start = state["step"]
+        _truncate_log(log_path, start)
+    elif log_path.is_file():
+        log_path.unlink()
+
+    bar = tqdm(
+        range(start, cfg.outer_steps),
+        initial=start,
+        total=cfg.outer_steps,
+        desc=f"{cfg.method} K={cfg.horizon}",
+        disable=not cfg.progress,
+    )
+    t0 = time.perf_counter()
+    for step in bar:
+        ep = sampler.sample(cfg.tasks).to(device)
+        out = ncp.meta_step(model, ep.batch(), meta, loss_fn=ncp.losses.cross_entropy)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.outer_steps:
+            with torch.no_grad():
+                acc = accuracy(ncp.forward(model, out.params, ep.query_x), ep.query_y).mean()
+            record = {
+                "step": done,
+                "loss": out.loss.item(),
+                "query_loss": out.query_loss.mean().item(),
+                "query_acc": acc.item(),
+                "bootstrap_loss": None
+                if out.bootstrap_loss is None
+                else out.bootstrap_loss.mean().item(),
+                "seconds": time.perf_counter() - t0,
+            }
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['query_loss']:.3f}", acc=f"{record['query_acc']:.2f}")
+        if done % cfg.ckpt_every == 0 or done == cfg.outer_steps:
+            _atomic_save(
+                {
+                    "step": done,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "rng": _rng_state(device),
+                    "config": cfg.to_dict(),
+                },
+                ckpt_path,
+            )
+    return model
+
+
+def run(cfg: RunConfig) -> Dict[str, Any]:
+    """Train, measure the saved bytes of one outer step, evaluate on the test split and write
+    ``result.json``; returns its content."""
+    splits = load_splits(cfg)
+    t0 = time.perf_counter()
+    model = train(cfg, splits)
+    train_s = time.perf_counter() - t0
+    result: Dict[str, Any] = {
+        "method": cfg.method,
+        "inner_steps": cfg.horizon,
+        "test_steps": cfg.test_horizon,
+        "parameters": count_parameters(model),
+        "train_seconds": train_s,
+        "torch": torch.__version__,
+        "device": cfg.device,
+        "config": cfg.to_dict(),
+    }
+    probe = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 999)
+    batch = probe.sample(1).to(torch.device(cfg.device)).batch()
+    result["saved_bytes_per_task"] = saved_bytes(model, batch, meta_config(cfg))
+    if cfg.evaluate:
+        modes = ["none"] if cfg.method == "maml" else [cfg.rescale, "none"]
+        for mode in dict.fromkeys(modes):
+            t1 = time.perf_counter()
+            accs = evaluate(model, cfg, splits["test"], rescale=mode)
+            mean, ci = mean_ci(accs)
+            key = "test" if mode == modes[0] else "test_no_rescale"
+            result[key] = {
+                "mean": mean,
+                "ci95": ci,
+                "episodes": len(accs),
+                "rescale": mode,
+                "seconds": time.perf_counter() - t1,
+            }
+    (Path(cfg.run_dir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`RunConfig` field."""
+    d = RunConfig()
+    a = parser.add_argument
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", choices=DATASETS, default=d.data)
+    g.add_argument("--data-root", default=d.data_root, help="mini-ImageNet: folder with images/ and the csvs; fashion: folder of the IDX .gz files (default: fetched into the cache); glyphs: a rendered bank .npz (default: rendered from fonts)")
+    g.add_argument("--image-size", type=int, default=d.image_size, help="side images are resized to (mini-ImageNet: 84)")
+    g.add_argument("--fonts", choices=("builtin", "debian"), default=d.fonts, help="glyph fonts: builtin (no download) or debian (20 font packages fetched into the cache)")
+    g.add_argument("--variants", type=int, default=d.variants, help="glyph renderings per (character, font)")
+    g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the class split (glyphs, fashion)")
+    g = parser.add_argument_group("episodes")
+    g.add_argument("--ways", type=int, default=d.ways)
+    g.add_argument("--shots", type=int, default=d.shots)
+    g.add_argument("--queries", type=int, default=d.queries)
+    g.add_argument("--tasks", type=int, default=d.tasks, help="episodes per outer step (meta-batch)")
+    g = parser.add_argument_group("model")
+    g.add_argument("--hidden", type=int, default=d.hidden, help="Conv4 filters per layer")
+    g.add_argument("--norm", choices=("batch", "group"), default=d.norm, help="batch: BatchNorm without running statistics; group: GroupNorm")
+    g = parser.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default=d.method)
+    g.add_argument("--maml-steps", type=int, default=d.maml_steps, help="MAML's inner steps K (sets the memory budget)")
+    g.add_argument("--inner-steps", type=int, default=d.inner_steps, help="GradNCP's inner steps; default maml-steps / ratio")
+    g.add_argument("--inner-lr", type=float, default=d.inner_lr)
+    g.add_argument("--first-order", action="store_true")
+    g.add_argument("--ratio", type=float, default=d.ratio, help="fraction of the support set kept per step")
+    g.add_argument("--score", choices=("gradncp", "loss", "random"), default=d.score)
+    g.add_argument("--boot-steps", type=int, default=d.boot_steps, help="bootstrap steps L")
+    g.add_argument("--boot-lr", type=float, default=d.boot_lr)
+    g.add_argument("--boot-weight", type=float, default=d.boot_weight, help="bootstrap weight lambda")
+    g = parser.add_argument_group("outer loop")
+    g.add_argument("--outer-steps", type=int, default=d.outer_steps)
+    g.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    g.add_argument("--clip", type=float, default=d.clip, help="clip the meta-gradient norm (default: no clipping)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
+    g.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="test episodes adapted at once")
+    g.add_argument("--test-steps", type=int, default=d.test_steps, help="test-time steps for both methods; default maml-steps / ratio")
+    g.add_argument("--eval-seed", type=int, default=d.eval_seed)
+    g.add_argument("--rescale", choices=("grad", "loss", "none"), default=d.rescale, help="GradNCP's test-time gradient rescaling")
+    g = parser.add_argument_group("running")
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=int, default=d.threads)
+    g.add_argument("--run-dir", default=d.run_dir)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    g.add_argument("--no-eval", dest="evaluate", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    del a
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A :class:`RunConfig` from parsed flags."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
+    """CLI entry point; prints the test accuracy."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    result = run(cfg)
+    if "test" in result:
+        t = result["test"]
+        print(
+            f"{cfg.method} K={cfg.horizon}: test accuracy {100 * t['mean']:.2f} "
+            f"+- {100 * t['ci95']:.2f} % over {t['episodes']} episodes",
+            file=sys.stderr,
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Evaluate a meta-learned initialisation: PSNR, SSIM (LPIPS when available) after ``K_test``
+test-time steps on held-out signals, with and without test-time gradient rescaling, and PSNR
+after every step up to a longer horizon (the paper's Figure 5b).
+
+Run from the repository root on a folder written by ``train``::
+
+    python -m examples.neural_fields.evaluate --run runs/nf/text --test-steps 16 --horizon 64
+
+Rescaling (paper Eq. 4) needs a pruner to define the pruned gradient: a GradNCP run uses its
+own; a MAML run uses ``ContextPruner(ratio=--rescale-ratio)`` (the control the paper lacks).
+``--init random`` evaluates the run's initialisation before meta-training instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a script: make `examples` and `ncp` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import ncp
+from examples.neural_fields import datasets, train
+from examples.neural_fields.metrics import lpips, lpips_status, psnr, ssim
+
+
+def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[str, Any]:
+    """Model, config, data and settings of the run folder ``run``.
+
+    Args:
+        run: folder holding ``checkpoint.pt``.
+        device: where to put the model.
+        init: ``"trained"`` (the checkpoint) or ``"random"`` (the same seed's initialisation,
+            never meta-trained).
+    """
+    path = os.path.join(run, train.CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`run`={run!r} holds no {train.CHECKPOINT}; train it first.")
+    if init not in ("trained", "random"):
+        raise ValueError(f"`init` must be 'trained' or 'random', got {init!r}.")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    s = {**ckpt["settings"], "device": device}
+    signals = train.load_data(s)
+    torch.manual_seed(s["seed"])
+    model = train.make_model(s, signals).to(device)
+    if init == "trained":
+        model.load_state_dict(ckpt["model"])
+    return {
+        "model": model,
+        "config": train.make_config(s),
+        "signals": signals,
+        "settings": s,
+        "step": ckpt["step"] if init == "trained" else 0,
+    }
+
+
+def rescale_config(cfg: ncp.MetaConfig, ratio: float) -> ncp.MetaConfig:
+    """``cfg`` with a GradNCP pruner if it has none (MAML), so that rescaling is defined."""
+    if cfg.pruner is not None:
+        return cfg
+    return ncp.MetaConfig(
+        inner_steps=cfg.inner_steps,
+        inner_lr=cfg.inner_lr,
+        pruner=ncp.ContextPruner(ratio=ratio),
+        bootstrap=None,
+    )
+
+
+def _clamp(pred: Tensor, signals: datasets.SignalSet) -> Tensor:
+    low = -1.0 if signals.kind == "audio" else 0.0
+    return pred.clamp(low, low + signals.data_range)
+
+
+def adapt_curve(
+    model: nn.Module,
+    cfg: ncp.MetaConfig,
+    signals: datasets.SignalSet,
+    test: Tensor,
+    *,
+    checkpoints: Sequence[int],
+    lr: float | None = None,
+    rescaler: ncp.GradRescaler | None = None,
+    chunk: int = 8,
+    ssim_at: int | None = None,
+) -> Dict[int, Dict[str, float]]:
+    """Adapt on the full context and measure after each step count in ``checkpoints``.
+
+    Returns:
+        ``{steps: {"psnr": mean dB}}``, with ``"ssim"`` too at ``ssim_at`` steps for images
+        and video.
+    """
+    wanted = sorted(set(checkpoints))
+    device = next(model.parameters()).device
+    sums: Dict[int, Dict[str, List[Tensor]]] = {k: {"psnr": [], "ssim": []} for k in wanted}
+    for part in test.split(chunk):
+        part = part.to(device)
+        x, y = signals.context(part)
+        params: Dict[str, Tensor] | None = None
+        done = 0
+        for k in wanted:
+            if k > done:
+                params = ncp.adapt(
+                    model, x, y, cfg, steps=k - done, lr=lr, rescaler=rescaler, params=params
+                )
+                done = k
+            with torch.no_grad():
+                pred = _clamp(
+                    ncp.forward(model, params, x) if params is not None else _initial(model, x),
+                    signals,
+                )
+            sums[k]["psnr"].append(psnr(pred, y, signals.data_range))
+            if k == ssim_at and signals.kind in ("image", "video"):
+                sums[k]["ssim"].append(ssim(pred.reshape(part.shape), part, signals.data_range))
+    return {k: {m: torch.cat(v).mean().item() for m, v in d.items() if v} for k, d in sums.items()}
+
+
+def _initial(model: nn.Module, x: Tensor) -> Tensor:
+    return torch.stack([model(xi) for xi in x])
+
+
+def evaluate(
+    run: str,
+    *,
+    test_steps: int | None = None,
+    horizon: int | None = None,
+    test_lrs: Sequence[float] = (),
+    rescale_ratio: float = 0.25,
+    signals_limit: int | None = None,
+    init: str = "trained",
+    device: str = "cpu",
+) -> Dict[str, Any]:
+    """The numbers of one run; also written to ``run/eval_<init>.json``.
+
+    Args:
+        run: a folder written by ``train``.
+        test_steps: K_test; default the run's ``test_steps``.
+        horizon: also report PSNR at every step up to this many (Figure 5b); default
+            ``4 * K_test``.
+        test_lrs: further test-time learning rates to try (with and without rescaling).
+        rescale_ratio: pruner ratio defining the rescaling of a MAML run.
+        signals_limit: evaluate on the first this many test signals (default all).
+        init: ``"trained"`` or ``"random"`` (see :func:`load_run`).
+    """
+    r = load_run(run, device=device, init=init)
+    model, cfg, signals, s = r["model"], r["config"], r["signals"], r["settings"]
+    k_test = test_steps or s["test_steps"]
+    horizon = horizon or 4 * k_test
+    test = signals.test if signals_limit is None else signals.test[:signals_limit]
+    rcfg = rescale_config(cfg, rescale_ratio)
+    result: Dict[str, Any] = {
+        "run": run,
+        "init": init,
+        "outer_steps": r["step"],
+        "data": signals.describe(),
+        "method": s["method"],
+        "inner_steps": cfg.inner_steps,
+        "test_steps": k_test,
+        "horizon": horizon,
+        "test_signals": len(test),
+        "lpips": lpips_status(),
+        "variants": {},
+    }
+    lrs = [cfg.inner_lr, *[lr for lr in test_lrs if lr != cfg.inner_lr]]
+    points = sorted({0, k_test, *range(1, horizon + 1)})
+    for lr in lrs:
+        for rescale in (False, True):
+            name = f"lr={lr:g}" + (" +rescale" if rescale else "")
+            curve = adapt_curve(
+                model,
+                rcfg if rescale else cfg,
+                signals,
+                test,
+                checkpoints=points if lr == cfg.inner_lr else [k_test],
+                lr=lr,
+                rescaler=ncp.GradRescaler() if rescale else None,
+                ssim_at=k_test,
+            )
+            at_k = curve[k_test]
+            result["variants"][name] = {
+                "lr": lr,
+                "rescale": rescale,
+                **at_k,
+                "curve": {str(k): v["psnr"] for k, v in curve.items()},
+            }
+    if result["lpips"] == "available" and signals.kind == "image":
+        x, y = signals.context(test.to(device))
+        params = ncp.adapt(model, x, y, cfg, steps=k_test)
+        with torch.no_grad():
+            pred = _clamp(ncp.forward(model, params, x), signals).reshape(test.shape)
+        result["variants"][f"lr={cfg.inner_lr:g}"]["lpips"] = (
+            lpips(pred, test.to(device)).mean().item()
+        )
+    with open(os.path.join(run, f"eval_{init}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def format_result(result: Dict[str, Any]) -> str:
+    """The printed summary of :func:`evaluate`."""
+    k, h = result["test_steps"], result["horizon"]
+    lines = [
+        f"{result['run']} ({result['init']}, {result['outer_steps']} outer steps): "
+        f"{result['data']}, {result['method']} K={result['inner_steps']}, "
+        f"{result['test_signals']} test signals",
+        f"{'variant':<26}{f'PSNR@{k}':>9}{'SSIM':>8}{f'PSNR@{h}':>10}",
+    ]
+    for name, v in result["variants"].items():
+        ssim_ = f"{v['ssim']:.3f}" if "ssim" in v else "-"
+        far = v["curve"].get(str(h))
+        far_ = f"{far:.2f}" if far is not None else "-"
+        lines.append(f"{name:<26}{v['psnr']:>9.2f}{ssim_:>8}{far_:>10}")
+    lines.append(result["lpips"] if result["lpips"] != "available" else "LPIPS: see JSON")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="folder written by train")
+    parser.add_argument("--test-steps", type=int, help="K_test (the run's --test-steps)")
+    parser.add_argument("--horizon", type=int, help="PSNR curve up to this step (4 K_test)")
+    parser.add_argument("--test-lrs", type=float, nargs="*", default=(), help="more test lrs")
+    parser.add_argument("--rescale-ratio", type=float, default=0.25, help="MAML rescaling ratio")
+    parser.add_argument("--signals", type=int, help="evaluate on the first N test signals")
+    parser.add_argument("--init", choices=("trained", "random"), default="trained")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu)")
+    args = parser.parse_args(argv)
+    for name in ("test_steps", "horizon", "signals"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    result = evaluate(
+        args.run,
+        test_steps=args.test_steps,
+        horizon=args.horizon,
+        test_lrs=args.test_lrs,
+        rescale_ratio=args.rescale_ratio,
+        signals_limit=args.signals,
+        init=args.init,
+        device=args.device,
+    )
+    print(format_result(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Meta-learn a neural field initialisation with MAML or GradNCP, with checkpoints that resume.
+
+All the paper's hyperparameters are flags whose defaults are the paper's values (Appendix C):
+outer Adam with lr 1e-5, grad-norm clip 1.0, batch 8; GradNCP K=16, ratio 0.25, bootstrap
+L=5, lambda=100, bootstrap lr 5e-2; MAML K=4; inner lr 1e-2; SIREN 5x256 (7 layers for video,
+w0=50 on the sphere). Runs write to ``--out``:
+
+- ``checkpoint.pt``: model, optimizer, RNG states (torch, numpy, python), the batch sampler,
+  step. A run started again with the same ``--out`` resumes from it exactly.
+- ``metrics.jsonl``: one JSON object per logged step (outer loss, reconstruction loss) and per
+  periodic evaluation (test PSNR after ``--test-steps`` steps).
+
+Run from the repository root::
+
+    python -m examples.neural_fields.train --data text --method gradncp --out runs/nf/text
+    python -m examples.neural_fields.train --data image_folder --root ~/img_align_celeba \\
+        --resolution 178 --method maml --out runs/nf/celeba_maml
+    python -m examples.neural_fields.train --data text --smoke --out /tmp/nf_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a script: make `examples` and `ncp` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import ncp
+from examples.neural_fields import datasets
+from examples.neural_fields.metrics import psnr
+from examples.neural_fields.models import FourierFeatureMLP, Siren
+
+METHODS = ("maml", "gradncp")
+SCORES = ("gradncp", "loss", "random")
+CHECKPOINT = "checkpoint.pt"
+LOG = "metrics.jsonl"
+
+# The paper's values (Appendix C), defaults of the flags.
+PAPER: Dict[str, Any] = dict(
+    data="text",
+    root=None,
+    variable=None,
+    method="gradncp",
+    model="siren",
+    hidden=256,
+    layers=None,  # 5; 7 for video
+    w0=None,  # 30; 50 on the sphere
+    ff_scale=10.0,
+    steps=150_000,
+    lr=1e-5,
+    clip=1.0,
+    batch=8,
+    inner_steps=None,  # MAML 4, GradNCP 16
+    inner_lr=1e-2,
+    first_order=False,
+    ratio=0.25,
+    score="gradncp",
+    bootstrap_steps=5,
+    bootstrap_lr=5e-2,
+    bootstrap_weight=100.0,
+    resolution=178,
+    seconds=1.0,
+    frames=16,
+    grid_stride=1,
+    test_fraction=0.1,
+    test_steps=16,
+    eval_every=1000,
+    eval_signals=16,
+    log_every=10,
+    ckpt_every=500,
+    seed=0,
+    device="cpu",
+    threads=None,
+    out=os.path.join("runs", "neural_fields"),
+)
+# A run of a few seconds: tiny signals and model, two steps (for tests).
+SMOKE: Dict[str, Any] = dict(
+    hidden=16,
+    layers=3,
+    steps=2,
+    batch=2,
+    resolution=16,
+    seconds=0.01,
+    frames=4,
+    grid_stride=6,
+    test_steps=2,
+    eval_every=2,
+    eval_signals=2,
+    log_every=1,
+    ckpt_every=1,
+)
+
+
+def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
+    """The :class:`ncp.MetaConfig` of a run: MAML (full context, no bootstrap) or GradNCP."""
+    steps = s["inner_steps"] or (4 if s["method"] == "maml" else 16)
+    if s["method"] == "maml":
+        return ncp.MetaConfig(
+            inner_steps=steps,
+            inner_lr=s["inner_lr"],
+            first_order=s["first_order"],
+            pruner=None,
+            bootstrap=None,
+        )
+    generator = (
+        torch.Generator(s["device"]).manual_seed(s["seed"]) if s["score"] == "random" else None
+    )
+    bootstrap = None
+    if s["bootstrap_steps"] > 0:
+        bootstrap = ncp.BootstrapMetaLoss(
+            steps=s["bootstrap_steps"], lr=s["bootstrap_lr"], weight=s["bootstrap_weight"]
+        )
+    return ncp.MetaConfig(
+        inner_steps=steps,
+        inner_lr=s["inner_lr"],
+        first_order=s["first_order"],
+        pruner=ncp.ContextPruner(ratio=s["ratio"], score=s["score"], generator=generator),
+        bootstrap=bootstrap,
+    )
+
+
+def make_model(s: Dict[str, Any], signals: datasets.SignalSet) -> nn.Module:
+    """SIREN (w0 30, 50 on the sphere; 5 layers, 7 for video) or a Fourier-feature MLP."""
+    layers = s["layers"] or (7 if signals.kind == "video" else 5)
+    if s["model"] == "ffn":
+        return FourierFeatureMLP(
+            signals.in_features, signals.out_features, s["hidden"], layers, scale=s["ff_scale"]
+        )
+    w0 = s["w0"] or (50.0 if signals.kind == "sphere" else 30.0)
+    return Siren(signals.in_features, signals.out_features, s["hidden"], layers, w0=w0)
+
+
+def load_data(s: Dict[str, Any]) -> datasets.SignalSet:
+    """The run's :class:`~datasets.SignalSet`."""
+    return datasets.build(
+        s["data"],
+        resolution=s["resolution"],
+        seconds=s["seconds"],
+        frames=s["frames"],
+        grid_stride=s["grid_stride"],
+        test_fraction=s["test_fraction"],
+        root=s["root"],
+        variable=s["variable"],
+        seed=s["seed"],
+    )
+
+
+def test_psnr(
+    model: nn.Module,
+    cfg: ncp.MetaConfig,
+    signals: datasets.SignalSet,
+    test: Tensor,
+    *,
+    steps: int,
+    chunk: int = 8,
+) -> float:
+    """Mean test PSNR after ``steps`` full-context steps (predictions clamped to the range)."""
+    device = next(model.parameters()).device
+    values = []
+    low = -1.0 if signals.kind == "audio" else 0.0
+    for part in test.split(chunk):
+        x, y = signals.context(part.to(device))
+        params = ncp.adapt(model, x, y, cfg, steps=steps)
+        with torch.no_grad():
+            pred = ncp.forward(model, params, x).clamp(low, low + signals.data_range)
+        values.append(psnr(pred, y, signals.data_range))
+    return torch.cat(values).mean().item()
+
+
+def _rng_state(sampler: torch.Generator, cfg: ncp.MetaConfig) -> Dict[str, Any]:
+    pruner_gen = cfg.pruner.generator if cfg.pruner is not None else None
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "sampler": sampler.get_state(),
+        "pruner": None if pruner_gen is None else pruner_gen.get_state(),
+    }
+
+
+def _set_rng_state(state: Dict[str, Any], sampler: torch.Generator, cfg: ncp.MetaConfig) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    sampler.set_state(state["sampler"])
+    if state["pruner"] is not None and cfg.pruner is not None and cfg.pruner.generator is not None:
+        cfg.pruner.generator.set_state(state["pruner"])
+
+
+def _log(path: str, record: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log records written after the checkpoint at ``step`` (an interrupted run)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(path, "w") as f:
+        for r in records:
+            if r.get("step", 0) <= step:
+                f.write(json.dumps(r) + "\n")
+
+
+def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[str, Any]:
+    """Meta-train; resume from ``settings["out"]/checkpoint.pt`` when it exists.
+
+    Args:
+        settings: the flags as a dict (see :data:`PAPER`).
+        stop_after: leave after this many outer steps of this call (a simulated interruption,
+            for tests), having written a checkpoint.
+
+    Returns:
+        ``model``, ``config``, ``signals``, ``step`` (outer steps done) and ``out``.
+    """
+    s = dict(settings)
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    device = torch.device(s["device"])
+    os.makedirs(s["out"], exist_ok=True)
+    ckpt_path, log_path = os.path.join(s["out"], CHECKPOINT), os.path.join(s["out"], LOG)
+    signals = load_data(s)
+    torch.manual_seed(s["seed"])
+    random.seed(s["seed"])
+    np.random.seed(s["seed"])
+    model = make_model(s, signals).to(device)
+    cfg = make_config(s)
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    sampler = torch.Generator().manual_seed(s["seed"] + 1)
+    step = 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        changed = {
+            k: (ckpt["settings"].get(k), s[k])
+            for k in s
+            if k not in ("steps", "threads", "eval_every", "ckpt_every", "log_every", "device")
+            and ckpt["settings"].get(k) != s[k]
+        }
+        if changed:
+            raise ValueError(
+                f"{ckpt_path} was written with other settings {changed} (saved, given); use "
+                "another `--out` or the same flags to resume."
+            )
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], sampler, cfg)
+        step = ckpt["step"]
+        _truncate_log(log_path, step)
+    else:
+        _log(log_path, {"step": 0, "event": "start", "settings": s, "data": signals.describe()})
+
+    def save() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": _rng_state(sampler, cfg),
+            "step": step,
+            "settings": s,
+        }
+        torch.save(state, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written checkpoint
+
+    from tqdm.auto import tqdm
+
+    end = s["steps"] if stop_after is None else min(s["steps"], step + stop_after)
+    bar = tqdm(
+        total=s["steps"], initial=step, desc=f"{s['method']} {s['data']}", dynamic_ncols=True
+    )
+    start = time.perf_counter()
+    while step < end:
+        idx = torch.randint(signals.n_train, (s["batch"],), generator=sampler).tolist()
+        x, y = signals.context(signals.train_batch(idx).to(device))
+        opt.zero_grad(set_to_none=True)
+        if step == 0:
+            with ncp.MemoryMeter() as meter:
+                out = ncp.meta_step(model, (x, y), cfg)
+                out.loss.backward()
+            _log(
+                log_path, {"step": 0, "event": "memory", "peak_saved_bytes": meter.peak_saved_bytes}
+            )
+        else:
+            out = ncp.meta_step(model, (x, y), cfg)
+            out.loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % s["log_every"] == 0 or step == end:
+            q = out.query_loss.mean().item()
+            rec = {"step": step, "loss": out.loss.item(), "query_loss": q}
+            rec["seconds"] = time.perf_counter() - start
+            _log(log_path, rec)
+            bar.set_postfix(loss=f"{q:.4g}")
+        if step % s["eval_every"] == 0 or step == s["steps"]:
+            test = signals.test[: s["eval_signals"]]
+            value = test_psnr(model, cfg, signals, test, steps=s["test_steps"])
+            _log(log_path, {"step": step, "event": "eval", "psnr": value})
+            bar.write(f"step {step}: test PSNR {value:.2f} dB after {s['test_steps']} steps")
+        if step % s["ckpt_every"] == 0 or step == end:
+            save()
+    bar.close()
+    return {"model": model, "config": cfg, "signals": signals, "step": step, "out": s["out"]}
+
+
+def read_log(out: str) -> List[Dict[str, Any]]:
+    """The records of ``out/metrics.jsonl``."""
+    with open(os.path.join(out, LOG)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of :data:`PAPER` (shared with ``evaluate``)."""
+    d = PAPER
+    a = parser.add_argument
+    a("--data", choices=datasets.NAMES, help=f"data set ({d['data']})")
+    a("--root", help="folder (or grid file) of your own data, for *_folder and grid_file")
+    a("--variable", help="variable of a grid_file")
+    a("--method", choices=METHODS, help=f"meta-learning method ({d['method']})")
+    a("--model", choices=("siren", "ffn"), help="SIREN or Fourier-feature MLP (siren)")
+    a("--hidden", type=int, help=f"width ({d['hidden']})")
+    a("--layers", type=int, help="linear layers (5; 7 for video)")
+    a("--w0", type=float, help="SIREN frequency (30; 50 on the sphere)")
+    a("--ff-scale", type=float, help=f"Fourier-feature scale ({d['ff_scale']:g})")
+    a("--steps", type=int, help=f"outer steps ({d['steps']})")
+    a("--lr", type=float, help=f"outer Adam learning rate ({d['lr']:g})")
+    a("--clip", type=float, help=f"outer grad-norm clip ({d['clip']:g})")
+    a("--batch", type=int, help=f"signals per outer step ({d['batch']})")
+    a("--inner-steps", type=int, help="K (MAML 4, GradNCP 16)")
+    a("--inner-lr", type=float, help=f"inner SGD learning rate ({d['inner_lr']:g})")
+    a("--first-order", action="store_true", default=None, help="first-order MAML")
+    a("--ratio", type=float, help=f"GradNCP kept fraction gamma ({d['ratio']:g})")
+    a("--score", choices=SCORES, help=f"point score ({d['score']})")
+    a("--bootstrap-steps", type=int, help=f"L, 0 turns the bootstrap off ({d['bootstrap_steps']})")
+    a("--bootstrap-lr", type=float, help=f"bootstrap target lr ({d['bootstrap_lr']:g})")
+    a("--bootstrap-weight", type=float, help=f"lambda ({d['bootstrap_weight']:g})")
+    a("--resolution", type=int, help=f"image / frame side ({d['resolution']})")
+    a("--seconds", type=float, help=f"audio clip length ({d['seconds']:g})")
+    a("--frames", type=int, help=f"video clip frames ({d['frames']})")
+    a("--grid-stride", type=int, help=f"keep 1 grid point in N per axis ({d['grid_stride']})")
+    a("--test-fraction", type=float, help=f"held-out share ({d['test_fraction']:g})")
+    a("--test-steps", type=int, help=f"K_test ({d['test_steps']})")
+    a("--eval-every", type=int, help=f"steps between evaluations ({d['eval_every']})")
+    a("--eval-signals", type=int, help=f"test signals per evaluation ({d['eval_signals']})")
+    a("--log-every", type=int, help=f"steps between log lines ({d['log_every']})")
+    a("--ckpt-every", type=int, help=f"steps between checkpoints ({d['ckpt_every']})")
+    a("--seed", type=int, help=f"seed ({d['seed']})")
+    a("--device", help=f"torch device ({d['device']})")
+    a("--threads", type=int, help="torch CPU threads (torch's default)")
+    a("--out", help=f"run folder ({d['out']})")
+    a("--smoke", action="store_true", help="tiny sizes and two steps: checks that all runs")
+
+
+POSITIVE = [
+    "hidden",
+    "layers",
+    "steps",
+    "batch",
+    "inner_steps",
+    "resolution",
+    "frames",
+    "grid_stride",
+    "test_steps",
+    "eval_every",
+    "eval_signals",
+    "log_every",
+    "ckpt_every",
+    "threads",
+]
+
+
+def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """Flags over the smoke values over the paper's defaults, validated."""
+    s = {**PAPER, **(SMOKE if args.smoke else {})}
+    s.update({k: v for k, v in vars(args).items() if k in PAPER and v is not None})
+    for name in POSITIVE:
+        if s[name] is not None and s[name] < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    for name in ("lr", "clip", "inner_lr", "seconds", "bootstrap_lr"):
+        if not s[name] > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {s[name]}")
+    if not 0 < s["ratio"] <= 1:
+        parser.error(f"--ratio must be in (0, 1], got {s['ratio']}")
+    if s["bootstrap_steps"] < 0:
+        parser.error(f"--bootstrap-steps must be >= 0, got {s['bootstrap_steps']}")
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
+    """Command line entry point; returns :func:`train`'s result."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return train(settings_from(args, parser))
+
+
+if __name__ == "__main__":
+    main()

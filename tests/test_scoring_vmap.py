@@ -1,0 +1,94 @@
+"""The vectorised closed-form GradNCP score (used on accelerators) against exact autograd.
+
+On CPU ``score_points`` keeps the loop over tasks, so these tests call ``gradncp_scores`` with
+``vmap_tasks=True`` directly to exercise the path that a GPU takes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.testing import assert_close
+
+import ncp
+from ncp._scoring import _Irregular, _vmapped_linear_scores, gradncp_scores
+from ncp.functional import init_params
+from tests import _models
+from tests.test_scoring import exact, make, shapes
+
+
+def vectorised(model, x, y, loss_fn, head, **kw):
+    params = init_params(model, x.shape[0], detach=True)
+    return gradncp_scores(model, params, x, y, loss_fn=loss_fn, head=head, vmap_tasks=True, **kw)
+
+
+@given(shapes, st.sampled_from(["linear", "sigmoid", "nobias"]), st.none() | st.integers(1, 5))
+def test_vectorised_scores_equal_exact_autograd(shape, kind, chunk):
+    model, x, y, names = make(shape, bias=kind != "nobias", head=kind)
+    head = names[0].rsplit(".", 1)[0]
+    got = vectorised(model, x, y, ncp.losses.mse, head, chunk_size=chunk)
+    assert_close(got, exact(model, x, y, ncp.losses.mse, names))
+
+
+@given(shapes)
+def test_vectorised_scores_equal_exact_for_cross_entropy(shape):
+    tasks, points, d_in, d_out, hidden, seed = shape
+    model, x, _, names = make((tasks, points, d_in, d_out + 1, hidden, seed))
+    labels = torch.randint(
+        0, d_out + 1, (tasks, points), generator=torch.Generator().manual_seed(seed)
+    )
+    ce = ncp.losses.cross_entropy
+    assert_close(vectorised(model, x, labels, ce, "4"), exact(model, x, labels, ce, names))
+
+
+def test_vectorised_scores_follow_per_task_params():
+    torch.manual_seed(0)
+    model = _models.mlp(2, 3).double()
+    x, y = torch.randn(3, 9, 2, dtype=torch.float64), torch.rand(3, 9, 3, dtype=torch.float64)
+    params = {k: v + 0.1 * torch.randn_like(v) for k, v in init_params(model, 3).items()}
+    params = {k: v.detach() for k, v in params.items()}
+    loop = gradncp_scores(model, params, x, y, loss_fn=ncp.losses.mse, head="4")
+    vec = gradncp_scores(model, params, x, y, loss_fn=ncp.losses.mse, head="4", vmap_tasks=True)
+    assert_close(vec, loop)
+    assert not torch.equal(vec[0], vec[1])
+
+
+class PointsOfPatches(nn.Module):
+    """A linear head applied to 3-D features: the vectorised path hands over to the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(2, 8)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)).view(x.shape[0], 2, 4)).mean(1)
+
+
+def test_irregular_head_input_falls_back_to_the_exact_loop():
+    torch.manual_seed(0)
+    model = PointsOfPatches().double()
+    x, y = torch.randn(2, 5, 2, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
+    params = init_params(model, 2, detach=True)
+    with pytest.raises(_Irregular):
+        _vmapped_linear_scores(
+            model, "head", model.head, params, x, y, ncp.losses.mse, weight=True, bias=True
+        )
+    got = vectorised(model, x, y, ncp.losses.mse, "head")
+    assert_close(got, exact(model, x, y, ncp.losses.mse, ["head.weight", "head.bias"]))
+
+
+def test_vectorised_path_keeps_the_precise_errors():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    with pytest.raises(ValueError, match="called more than once"):
+        vectorised(Twice(), torch.randn(1, 4, 2), torch.randn(1, 4, 2), ncp.losses.mse, "lin")
