@@ -14,7 +14,8 @@ exact per-point gradient norm through ``torch.func``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Literal, Mapping, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Literal, Mapping, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +186,26 @@ def check_head(
     )
 
 
+@contextmanager
+def _saved_tensor_hooks_suspended() -> Iterator[None]:
+    """Pop every saved-tensor hook (a ``MemoryMeter``'s, say) for a ``torch.func`` transform.
+
+    ``torch.func.grad`` refuses to run while such hooks are active. The per-point head
+    gradients below are taken from detached inputs and nothing of them is kept for backward,
+    so no hook has anything to see there; the hooks are pushed back afterwards.
+    """
+    ag = torch._C._autograd
+    popped = []
+    while (top := ag._top_saved_tensors_default_hooks(False)) is not None:
+        popped.append(top)
+        ag._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(popped):
+            ag._push_saved_tensors_default_hooks(pack, unpack)
+
+
 def _exact_head_score(
     module: nn.Module, hparams: Mapping[str, Tensor], phi: Tensor, dz: Tensor
 ) -> Tensor:
@@ -195,7 +216,8 @@ def _exact_head_score(
         return (z * g_j).sum()
 
     hp = {k: v.detach() for k, v in hparams.items()}
-    per_point = vmap(grad(contracted), in_dims=(None, 0, 0))(hp, phi, dz)
+    with _saved_tensor_hooks_suspended():
+        per_point = vmap(grad(contracted), in_dims=(None, 0, 0))(hp, phi, dz)
     dtype = torch.promote_types(phi.dtype, torch.float32)
     sq = sum(g.flatten(1).to(dtype).pow(2).sum(1) for g in per_point.values())
     assert isinstance(sq, Tensor)
@@ -220,43 +242,51 @@ def _vmapped_linear_scores(
 ) -> Tensor:
     """Closed-form scores of every task at once, ``(tasks, points)``, through ``vmap``.
 
-    ``dl/dz`` is the gradient w.r.t. a zero tensor ``delta`` added to the head's output by a
-    forward hook (``torch.func.grad``), so no hook output leaves the transform; only the ops
-    after the head depend on ``delta``, so the backward pass is as short as in the loop path.
+    A forward hook adds ``delta``, a zero tensor that requires grad, to the head's output, and
+    the vmapped forward returns the head's input ``phi`` beside the model output; plain
+    autograd then gives ``dl/dz = dl/d delta``. Only the ops after the head depend on
+    ``delta``, so the backward pass is as short as in the loop path, and since no
+    ``torch.func`` transform is differentiated, saved-tensor hooks (``MemoryMeter``) still work.
     """
     static = static_tensors(model)
-    points = x.shape[1]
+    tasks, points = x.shape[:2]
 
-    def one(p: Dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        def loss_of(delta: Tensor) -> Tuple[Tensor, Tensor]:
-            seen: Dict[str, Tensor] = {}
+    def one(p: Dict[str, Tensor], xi: Tensor, di: Tensor) -> Tuple[Tensor, Tensor]:
+        seen: Dict[str, Tensor] = {}
 
-            def hook(_name: str, _mod: nn.Module, inputs: tuple, output: object) -> Tensor:
-                if (
-                    seen
-                    or len(inputs) != 1
-                    or not isinstance(output, Tensor)
-                    or inputs[0].dim() != 2
-                    or output.shape != delta.shape
-                ):
-                    raise _Irregular
-                seen["phi"] = inputs[0]
-                return output + delta.to(output.dtype)
-
-            with forward_hooks({head: module}, hook):
-                out = functional_call(model, {**p, **static}, (xi,))
-            if not seen:
+        def hook(_name: str, _mod: nn.Module, inputs: tuple, output: object) -> Tensor:
+            if (
+                seen
+                or len(inputs) != 1
+                or not isinstance(output, Tensor)
+                or inputs[0].dim() != 2
+                or output.shape != di.shape
+            ):
                 raise _Irregular
-            losses = loss_fn(out.unsqueeze(0), yi.unsqueeze(0))
-            if tuple(losses.shape) != (1, points):
-                raise _Irregular
-            return losses.sum(), seen["phi"]
+            seen["phi"] = inputs[0]
+            return output + di.to(output.dtype)
 
-        delta = xi.new_zeros(points, module.out_features)
-        dz, phi = grad(loss_of, has_aux=True)(delta)
-        return linear_head_score(phi, dz, weight=weight, bias=bias)
+        with forward_hooks({head: module}, hook):
+            out = functional_call(model, {**p, **static}, (xi,))
+        if not seen:
+            raise _Irregular
+        return out, seen["phi"]
 
-    return vmap(one)(dict(params), x, y)
+    delta = torch.zeros(
+        tasks, points, module.out_features, device=x.device, dtype=module.weight.dtype
+    ).requires_grad_(True)
+    with torch.enable_grad():
+        out, phi = vmap(one)(dict(params), x, delta)
+        losses = loss_fn(out, y)
+        if tuple(losses.shape) != (tasks, points):
+            raise _Irregular
+        total = losses.sum()
+    if not total.requires_grad:
+        raise _Irregular
+    (dz,) = torch.autograd.grad(total, delta)
+    return linear_head_score(phi.flatten(0, 1), dz.flatten(0, 1), weight=weight, bias=bias).view(
+        tasks, points
+    )
 
 
 def gradncp_scores(

@@ -9,6 +9,10 @@ import sys
 from typing import Dict, List
 
 import pytest
+
+# part of the `test` extra, so CI runs these; a bare GPU machine may lack it
+higher = pytest.importorskip("higher")
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,9 +22,6 @@ import ncp
 from ncp.interop.higher import bootstrap_loss, fast_params, prune, rescale_callback
 from tests import _models
 from tests._docpages import diff_sides, named_blocks, page_batch, page_model
-
-# part of the `test` extra, so CI runs these; a bare GPU machine may lack it
-higher = pytest.importorskip("higher")
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 

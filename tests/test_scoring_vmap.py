@@ -92,3 +92,32 @@ def test_vectorised_path_keeps_the_precise_errors():
 
     with pytest.raises(ValueError, match="called more than once"):
         vectorised(Twice(), torch.randn(1, 4, 2), torch.randn(1, 4, 2), ncp.losses.mse, "lin")
+
+
+def test_vectorised_scores_work_under_memory_meter_and_int_inputs():
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(10, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randint(0, 10, (2, 7))
+    y = torch.rand(2, 7, 3, dtype=torch.float64)
+    loop = gradncp_scores(
+        emb, init_params(emb, 2, detach=True), x, y, loss_fn=ncp.losses.mse, head="2"
+    )
+    with ncp.MemoryMeter() as meter:  # saved-tensor hooks active
+        got = vectorised(emb, x, y, ncp.losses.mse, "2")
+    assert_close(got, loop)
+    assert meter.peak_saved_bytes > 0
+
+
+def test_exact_head_scores_work_under_memory_meter():
+    torch.manual_seed(0)
+    model = _models.ConvHead().double()
+    x, y = torch.randn(2, 7, 2, dtype=torch.float64), torch.rand(2, 7, 3, dtype=torch.float64)
+    want = ncp.ContextPruner().scores(model, x, y)
+    w = torch.randn(64, 64, dtype=torch.float64, requires_grad=True)
+    with ncp.MemoryMeter() as meter:
+        got = ncp.ContextPruner().scores(model, x, y)
+        before = meter.saved_bytes
+        kept = (w * w).sum()  # saves w: the meter's hooks are back after scoring
+        assert meter.saved_bytes >= before + w.numel() * 8
+        del kept
+    assert_close(got, want)
