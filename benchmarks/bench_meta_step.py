@@ -26,6 +26,7 @@ tensors).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -66,6 +67,9 @@ def run(
         "MAML K=4, full context": ncp.MetaConfig(inner_steps=4, pruner=None, bootstrap=None),
         "GradNCP K=16 r=0.25 L=5": gradncp,
         "GradNCP, score='random'": ncp.MetaConfig(pruner=ncp.ContextPruner(score="random")),
+        "GradNCP, bf16 scoring": ncp.MetaConfig(
+            pruner=ncp.ContextPruner(score_dtype=torch.bfloat16)
+        ),
     }
     assert gradncp.pruner is not None and gradncp.bootstrap is not None
 
@@ -90,7 +94,8 @@ def run(
             model.zero_grad(set_to_none=True)
         score_times.append(timed(scoring, dev))
 
-    maml16, maml4, ours, rand = (results[n] for n in variants)
+    maml16, maml4, ours, rand, low = (results[n] for n in variants)
+    agreement = kept_agreement(model, batch, gradncp, variants["GradNCP, bf16 scoring"])
     return {
         "setup": {
             "model": "SIREN 5x256, w0=30, 2->3",
@@ -122,6 +127,11 @@ def run(
                 "saved_bytes": ours.peak_saved_bytes / maml16.peak_saved_bytes,
                 "cuda_bytes": _ratio(ours.peak_cuda_bytes, maml16.peak_cuda_bytes),
             },
+            "gradncp_bf16_scoring/maml16": {
+                "time": low.time_s / maml16.time_s,
+                "saved_bytes": low.peak_saved_bytes / maml16.peak_saved_bytes,
+                "cuda_bytes": _ratio(low.peak_cuda_bytes, maml16.peak_cuda_bytes),
+            },
             "gradncp/maml4": {
                 "time": ours.time_s / maml4.time_s,
                 "saved_bytes": ours.peak_saved_bytes / maml4.peak_saved_bytes,
@@ -135,8 +145,25 @@ def run(
             "scores_calls_time_s": statistics.median(score_times),
             "scores_calls_times_s": score_times,
             "share_by_timed_scores_calls": statistics.median(score_times) / ours.time_s,
+            "bf16_share_by_random_score_step": (low.time_s - rand.time_s) / low.time_s,
+            "bf16_kept_agreement": agreement,
         },
     }
+
+
+def kept_agreement(
+    model: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    a: ncp.MetaConfig,
+    b: ncp.MetaConfig,
+) -> float:
+    """Fraction of the points kept over one step's inner steps that ``a`` and ``b`` share."""
+    # first order: the inner loop's choices only, without the second-order graph
+    ka = ncp.meta_step(model, batch, dataclasses.replace(a, first_order=True)).kept_indices
+    kb = ncp.meta_step(model, batch, dataclasses.replace(b, first_order=True)).kept_indices
+    assert ka is not None and kb is not None
+    rows = zip(ka.flatten(0, 1).tolist(), kb.flatten(0, 1).tolist(), strict=True)
+    return sum(len(set(u) & set(v)) for u, v in rows) / ka.numel()
 
 
 def _ratio(a: int | None, b: int | None) -> float | None:
@@ -176,6 +203,7 @@ def report(res: Dict[str, object]) -> str:
     ]
     for label, key in (
         ("GradNCP / MAML K=16", "gradncp/maml16"),
+        ("GradNCP bf16 score / MAML 16", "gradncp_bf16_scoring/maml16"),
         ("GradNCP / MAML K=4", "gradncp/maml4"),
     ):
         q = r[key]
@@ -188,6 +216,10 @@ def report(res: Dict[str, object]) -> str:
         f"(t_gradncp - t_random) / t_gradncp = {sc['share_by_random_score_step']:.1%}",
         f"  (b) {sc['scores_calls_per_step']} calls of ContextPruner().scores on the full context "
         f"({sc['scores_calls_time_s']:.3f} s) / t_gradncp = {sc['share_by_timed_scores_calls']:.1%}",
+        f"  (c) with ContextPruner(score_dtype=torch.bfloat16), as (a): "
+        f"{sc['bf16_share_by_random_score_step']:.1%}; points kept in common with float32 "
+        f"scoring over the K steps of one step (first order, same batch): "
+        f"{sc['bf16_kept_agreement']:.1%}",
     ]
     return "\n".join(lines)
 

@@ -193,6 +193,12 @@ def meta_step(
     """
     if not isinstance(cfg, MetaConfig):
         raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "ncp.meta_step builds the graph of the inner loop for the meta-gradient, but "
+            "gradients are disabled here (torch.no_grad() or torch.inference_mode()); call it "
+            "with gradients enabled. For evaluation use ncp.adapt, which runs under no_grad."
+        )
     cx, cy, qx, qy = _unpack(batch)
     model, wrap = unwrap(model, meta_gradients=True)
     check_device(model, cx, cy, qx, qy)
@@ -308,6 +314,12 @@ def adapt(
     if not isinstance(cfg, MetaConfig):
         raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
     check_pair(x, y)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "ncp.adapt takes gradients of the inner loss, which torch.inference_mode() forbids; "
+            "wrap the call in torch.no_grad() instead (adapt enables gradients internally and "
+            "returns detached parameters)."
+        )
     model, _ = unwrap(model, meta_gradients=False)
     check_device(model, x, y)
     check_norm_layers(model)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import ContextManager, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,13 @@ class Pruned(NamedTuple):
     indices: Tensor
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[object]:
+    """``torch.autocast`` on ``device`` in ``dtype``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether ``a`` and ``b`` name one device; a missing index (``cuda``) means the current one."""
     if a.type != b.type:
@@ -68,6 +76,13 @@ class ContextPruner:
         head: module name of the model's last layer for ``"gradncp"``; default, the last leaf
             module with trainable parameters that the forward pass calls.
         generator: random source for ``score="random"``; on the inputs' device.
+        score_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the scoring forward pass
+            under :func:`torch.autocast` in that dtype (scores and norms stay float32); None
+            (default) scores in the inputs' dtype. Scoring is one full-context forward pass
+            per inner step, so this is where lower precision buys the most time; it changes
+            which points are kept only where scores nearly tie (docs/benchmarks.md measures
+            the agreement). On CPUs without bf16 instructions, and for float16 on CPU, it is
+            slower, not faster.
 
     Example:
         >>> import torch, ncp
@@ -87,6 +102,7 @@ class ContextPruner:
     chunk_size: int | None = None
     head: str | None = None
     generator: torch.Generator | None = None
+    score_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -108,6 +124,19 @@ class ContextPruner:
         if self.head is not None and not isinstance(self.head, str):
             raise TypeError(
                 f"`ContextPruner.head` must be a module name (str) such as 'net.4', got {self.head!r}."
+            )
+        if self.score_dtype is not None and self.score_dtype not in (
+            torch.bfloat16,
+            torch.float16,
+        ):
+            raise ValueError(
+                "`ContextPruner.score_dtype` must be torch.bfloat16, torch.float16 or None, got "
+                f"{self.score_dtype!r}."
+            )
+        if self.score_dtype is not None and self.score == "random":
+            raise ValueError(
+                "`ContextPruner.score_dtype` has no effect with score='random' (no forward "
+                "pass); drop it or use score='gradncp' / 'loss'."
             )
         if self.generator is not None and self.score != "random":
             raise ValueError(
@@ -203,18 +232,19 @@ class ContextPruner:
         loss_fn: LossFn,
         vmap_tasks: bool = True,
     ) -> Tensor:
-        return score_points(
-            model,
-            params,
-            x,
-            y,
-            score=self.score,
-            loss_fn=loss_fn,
-            head=self.head,
-            chunk_size=self.chunk_size,
-            generator=self.generator,
-            vmap_tasks=vmap_tasks,
-        )
+        with _autocast(x.device, self.score_dtype):
+            return score_points(
+                model,
+                params,
+                x,
+                y,
+                score=self.score,
+                loss_fn=loss_fn,
+                head=self.head,
+                chunk_size=self.chunk_size,
+                generator=self.generator,
+                vmap_tasks=vmap_tasks,
+            )
 
     def _select(
         self,

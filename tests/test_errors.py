@@ -182,3 +182,27 @@ def test_mse_shape_mismatch_names_the_fix():
         match=r"`ncp.losses.mse` needs pred and target of the same shape, got \(2, 3, 1\) and \(2, 3\)",
     ):
         ncp.losses.mse(torch.zeros(2, 3, 1), torch.zeros(2, 3))
+
+
+def test_meta_step_under_no_grad_or_inference_mode_is_refused():
+    model = _models.mlp(2, 1)
+    x, y = torch.rand(2, 8, 2), torch.rand(2, 8, 1)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), pytest.raises(RuntimeError, match="gradients are disabled here"):
+            ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=1))
+
+
+def test_adapt_under_inference_mode_is_refused_but_no_grad_works():
+    model = _models.mlp(2, 1)
+    x, y = torch.rand(2, 8, 2), torch.rand(2, 8, 1)
+    cfg = ncp.MetaConfig(inner_steps=2)
+    with (
+        torch.inference_mode(),
+        pytest.raises(RuntimeError, match=r"wrap the call in torch.no_grad"),
+    ):
+        ncp.adapt(model, x, y, cfg, rescaler=ncp.GradRescaler())
+    with torch.no_grad():
+        quiet = ncp.adapt(model, x, y, cfg, rescaler=ncp.GradRescaler())
+    loud = ncp.adapt(model, x, y, cfg, rescaler=ncp.GradRescaler())
+    for name, value in loud.items():
+        torch.testing.assert_close(quiet[name], value)
