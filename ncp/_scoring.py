@@ -52,13 +52,15 @@ def linear_head_score(
         ``(points,)`` scores, in at least float32.
     """
     dtype = torch.promote_types(phi.dtype, torch.float32)
-    g2 = dl_dz.to(dtype).pow(2).sum(-1)
-    factor = torch.zeros_like(g2)
+    # vector_norm reduces in one pass: no (points, features) temporary such as phi**2, so the
+    # memory of the closed form does not grow with the feature width.
+    g = torch.linalg.vector_norm(dl_dz, dim=-1, dtype=dtype)
+    factor = torch.zeros_like(g)
     if weight:
-        factor = factor + phi.to(dtype).pow(2).sum(-1)
+        factor = factor + torch.linalg.vector_norm(phi, dim=-1, dtype=dtype).square()
     if bias:
         factor = factor + 1.0
-    return (g2 * factor).sqrt()
+    return g * factor.sqrt()
 
 
 def find_head(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> str:

@@ -229,3 +229,14 @@ def test_loss_that_ignores_the_head_is_refused():
 
     with pytest.raises(ValueError, match="does not depend on the output of the head"):
         ncp.ContextPruner().scores(model, x, y, loss_fn=constant)
+
+
+def test_linear_head_score_allocates_nothing_the_size_of_phi():
+    from torch.profiler import ProfilerActivity, profile
+
+    phi, dz = torch.randn(8192, 512), torch.randn(8192, 3)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ncp.functional.linear_head_score(phi, dz)
+    largest = max(e.cpu_memory_usage for e in prof.key_averages())
+    # outputs and reductions are (points,) vectors; phi**2 would be 16 MiB
+    assert 0 < largest <= 4 * phi.shape[0] * 4
