@@ -80,3 +80,14 @@ class ConvHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x).unsqueeze(-1)  # (points, 8, 1)
         return self.head(h).squeeze(-1)  # (points, 3)
+
+
+class HeadCalledTwice(nn.Module):
+    """Calls its only layer twice per forward pass: GradNCP scoring must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.lin(x))

@@ -186,16 +186,10 @@ def test_no_head_found():
 
 
 def test_head_called_twice_is_refused():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 2)
-
-        def forward(self, x):
-            return self.lin(self.lin(x))
-
     with pytest.raises(ValueError, match="called more than once"):
-        ncp.ContextPruner().scores(Twice(), torch.randn(1, 4, 2), torch.randn(1, 4, 2))
+        ncp.ContextPruner().scores(
+            _models.HeadCalledTwice(), torch.randn(1, 4, 2), torch.randn(1, 4, 2)
+        )
 
 
 def test_linear_head_score_formula():

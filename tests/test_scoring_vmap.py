@@ -82,16 +82,14 @@ def test_irregular_head_input_falls_back_to_the_exact_loop():
 
 
 def test_vectorised_path_keeps_the_precise_errors():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(2, 2)
-
-        def forward(self, x):
-            return self.lin(self.lin(x))
-
     with pytest.raises(ValueError, match="called more than once"):
-        vectorised(Twice(), torch.randn(1, 4, 2), torch.randn(1, 4, 2), ncp.losses.mse, "lin")
+        vectorised(
+            _models.HeadCalledTwice(),
+            torch.randn(1, 4, 2),
+            torch.randn(1, 4, 2),
+            ncp.losses.mse,
+            "lin",
+        )
 
 
 def test_vectorised_scores_work_under_memory_meter_and_int_inputs():
