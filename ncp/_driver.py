@@ -297,7 +297,9 @@ def adapt(
         params: per-task parameters to start from; default the model's own.
         loss_fn: per-point loss.
         learned_lr: meta-learned rates (Meta-SGD) used instead of ``lr``; steps past their
-            horizon reuse the last learned rate.
+            horizon reuse the last learned rate. Each call starts the schedule at its own
+            step 0, so two calls chained through ``params`` are not one longer call: adapt
+            once with the total ``steps`` instead.
 
     Returns:
         Detached per-task parameters (an :class:`Adapted` dict, which also carries the
