@@ -35,8 +35,10 @@ if __package__ in (None, ""):  # run as a script: make `examples` and `ncp` impo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ncp
+from examples.neural_fields.metrics import psnr
 from examples.neural_fields.models import Siren
-from examples.neural_fields.text_data import TextImages, image_context, psnr
+from examples.neural_fields.signals import image_context
+from examples.neural_fields.text_data import TextImages
 
 DEFAULTS: Dict[str, Any] = dict(
     steps=150,

@@ -27,6 +27,9 @@ def test_audio_coordinates_span_minus_50_to_50():
     # five samples: -50, -25, 0, 25, 50
     x5, _ = signals.audio_context(torch.arange(5.0).unsqueeze(0))
     torch.testing.assert_close(x5[0, :, 0], torch.tensor([-50.0, -25.0, 0.0, 25.0, 50.0]))
+    # a 64 ms clip with the paper's spacing (1 s <-> [-50, 50]) spans [-3.2, 3.2]
+    short, _ = signals.audio_context(torch.zeros(1, 1024), bound=50 * 0.064)
+    torch.testing.assert_close(short[0, [0, -1], 0], torch.tensor([-3.2, 3.2]))
 
 
 def test_video_coordinates_frame_row_column():

@@ -29,11 +29,12 @@ class SignalSet:
     Attributes:
         name: data set name.
         kind: ``"image"``, ``"audio"``, ``"video"`` or ``"sphere"`` (see :mod:`signals`).
-        train: ``batch(indices) -> signals`` and ``len`` for the training signals.
-        test: the test signals, stacked.
+        train_batch: ``train_batch(indices)`` stacks those training signals.
         n_train: number of training signals.
+        test: the test signals, stacked.
         data_range: peak-to-peak range of the values, for PSNR.
         extra: grid coordinates for the sphere (``lat``, ``lon``, ``valid``).
+        audio_bound: audio coordinates span ``[-audio_bound, audio_bound]``.
     """
 
     name: str
@@ -43,6 +44,7 @@ class SignalSet:
     test: Tensor
     data_range: float = 1.0
     extra: Dict[str, Tensor] = field(default_factory=dict)
+    audio_bound: float = signals.AUDIO_BOUND
 
     @property
     def in_features(self) -> int:
@@ -57,7 +59,7 @@ class SignalSet:
         if self.kind == "image":
             return signals.image_context(batch)
         if self.kind == "audio":
-            return signals.audio_context(batch)
+            return signals.audio_context(batch, self.audio_bound)
         if self.kind == "video":
             return signals.video_context(batch)
         x, y = signals.sphere_context(batch, self.extra["lat"], self.extra["lon"])
@@ -95,9 +97,12 @@ def _split_by_source(sources: Tensor, test_fraction: float) -> Tensor:
 
 
 def _split_every(n: int, test_fraction: float) -> Tensor:
-    """Test mask taking evenly spaced items (about ``test_fraction`` of ``n``)."""
+    """Test mask taking evenly spaced items (about ``test_fraction`` of ``n``, at least one)."""
     every = max(2, round(1 / test_fraction))
-    return torch.arange(n) % every == every - 1
+    mask = torch.arange(n) % every == every - 1
+    if n >= 2 and not bool(mask.any()):  # fewer items than `every`: hold out the last one
+        mask[-1] = True
+    return mask
 
 
 def build(
@@ -111,6 +116,7 @@ def build(
     root: str | None = None,
     variable: str | None = None,
     seed: int = 0,
+    audio_bound: float = signals.AUDIO_BOUND,
 ) -> SignalSet:
     """The data set ``name`` at the given size.
 
@@ -125,6 +131,7 @@ def build(
         root: folder (or file for ``grid_file``) of the user's data.
         variable: netCDF / npz variable for ``grid_file``.
         seed: seed of the Text rendering and the photo crops.
+        audio_bound: audio coordinates span ``[-audio_bound, audio_bound]`` (paper: 50 for 1 s).
     """
     if name not in NAMES:
         raise ValueError(f"`name` must be one of {list(NAMES)}, got {name!r}.")
@@ -153,7 +160,7 @@ def build(
             else data.load_audio(str(root), seconds=seconds)
         )
         mask = _split_by_source(clips.sources, test_fraction)
-        return _tensor_set(name, "audio", clips.data, mask, data_range=2.0)
+        return _tensor_set(name, "audio", clips.data, mask, data_range=2.0, audio_bound=audio_bound)
     if name in ("video", "video_folder"):
         clips = (
             standins.video(frames, resolution)

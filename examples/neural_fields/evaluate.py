@@ -49,9 +49,14 @@ def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[st
     signals = train.load_data(s)
     torch.manual_seed(s["seed"])
     model = train.make_model(s, signals).to(device)
+    cfg = train.make_config(s)
+    rates = train.make_learned_lr(s, model, cfg)
     if init == "trained":
         model.load_state_dict(ckpt["model"])
+        if rates is not None:
+            rates.load_state_dict(ckpt["learned_lr"])
     return {
+        "learned_lr": rates,
         "model": model,
         "config": train.make_config(s),
         "signals": signals,
@@ -86,10 +91,15 @@ def adapt_curve(
     checkpoints: Sequence[int],
     lr: float | None = None,
     rescaler: ncp.GradRescaler | None = None,
+    learned_lr: ncp.LearnedLR | None = None,
     chunk: int = 8,
     ssim_at: int | None = None,
 ) -> Dict[int, Dict[str, float]]:
     """Adapt on the full context and measure after each step count in ``checkpoints``.
+
+    With fixed rates, each count continues from the previous one. With ``learned_lr`` each count
+    is adapted from the start, since a call to :func:`ncp.adapt` starts the learned schedule at
+    its first step.
 
     Returns:
         ``{steps: {"psnr": mean dB}}``, with ``"ssim"`` too at ``ssim_at`` steps for images
@@ -104,7 +114,11 @@ def adapt_curve(
         params: Dict[str, Tensor] | None = None
         done = 0
         for k in wanted:
-            if k > done:
+            if learned_lr is not None and k > 0:
+                params = ncp.adapt(
+                    model, x, y, cfg, steps=k, rescaler=rescaler, learned_lr=learned_lr
+                )
+            elif k > done:
                 params = ncp.adapt(
                     model, x, y, cfg, steps=k - done, lr=lr, rescaler=rescaler, params=params
                 )
@@ -166,19 +180,25 @@ def evaluate(
         "lpips": lpips_status(),
         "variants": {},
     }
-    lrs = [cfg.inner_lr, *[lr for lr in test_lrs if lr != cfg.inner_lr]]
-    points = sorted({0, k_test, *range(1, horizon + 1)})
+    rates = r["learned_lr"]
+    lrs: List[float | None] = [None] if rates is not None else [cfg.inner_lr]
+    lrs += [lr for lr in test_lrs if lr != cfg.inner_lr or rates is not None]
+    if rates is None:
+        points = sorted({0, k_test, *range(1, horizon + 1)})
+    else:  # each point adapted from the start: a few points only
+        points = sorted(p for p in {0, 4, k_test, 2 * k_test, horizon} if p <= horizon)
     for lr in lrs:
         for rescale in (False, True):
-            name = f"lr={lr:g}" + (" +rescale" if rescale else "")
+            name = ("learned lr" if lr is None else f"lr={lr:g}") + (" +rescale" if rescale else "")
             curve = adapt_curve(
                 model,
                 rcfg if rescale else cfg,
                 signals,
                 test,
-                checkpoints=points if lr == cfg.inner_lr else [k_test],
+                checkpoints=points if lr in (None, cfg.inner_lr) else [k_test],
                 lr=lr,
                 rescaler=ncp.GradRescaler() if rescale else None,
+                learned_lr=rates if lr is None else None,
                 ssim_at=k_test,
             )
             at_k = curve[k_test]
@@ -190,10 +210,10 @@ def evaluate(
             }
     if result["lpips"] == "available" and signals.kind == "image":
         x, y = signals.context(test.to(device))
-        params = ncp.adapt(model, x, y, cfg, steps=k_test)
+        params = ncp.adapt(model, x, y, cfg, steps=k_test, learned_lr=rates)
         with torch.no_grad():
             pred = _clamp(ncp.forward(model, params, x), signals).reshape(test.shape)
-        result["variants"][f"lr={cfg.inner_lr:g}"]["lpips"] = (
+        result["variants"][next(iter(result["variants"]))]["lpips"] = (
             lpips(pred, test.to(device)).mean().item()
         )
     with open(os.path.join(run, f"eval_{init}.json"), "w") as f:

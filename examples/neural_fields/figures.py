@@ -62,7 +62,7 @@ def figure_pruning(
 ) -> str:
     """Write the Figure 1 analogue as a PNG: one row per image; for each step in ``show_steps``
     the kept points (red) over the image and the residual ``|target - prediction|`` at that
-    step; then the reconstruction after ``K`` steps and the ground truth.
+    step (mean over channels, each panel scaled to its own maximum); then the reconstruction after ``K`` steps and the ground truth.
 
     Args:
         path: PNG to write.
@@ -97,8 +97,9 @@ def figure_pruning(
             ax.scatter((idx % w).numpy(), (idx // w).numpy(), s=size, c="red", marker="s", lw=0)
             ax.set_title(f"kept at step {k + 1}", fontsize=7)
             residual = (preds[k][r] - y[r]).abs().mean(dim=-1).reshape(h, w).cpu()
-            axes[r, col + 1].imshow(residual.numpy(), cmap="magma", vmin=0, vmax=0.5)
-            axes[r, col + 1].set_title(f"residual at step {k + 1}", fontsize=7)
+            top = max(float(residual.max()), 1e-12)  # each panel on its own scale
+            axes[r, col + 1].imshow(residual.numpy(), cmap="magma", vmin=0, vmax=top)
+            axes[r, col + 1].set_title(f"|residual| at step {k + 1}\n(max {top:.2g})", fontsize=7)
             col += 2
         recon = preds[-1][r].clamp(0, 1).reshape(h, w, c).cpu()
         axes[r, col].imshow(recon.numpy(), interpolation="nearest")

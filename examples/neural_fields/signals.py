@@ -71,12 +71,16 @@ def image_context(images: Tensor) -> Tuple[Tensor, Tensor]:
     return coords.expand(tasks, h * w, 2), images.reshape(tasks, h * w, c)
 
 
-def audio_context(waves: Tensor) -> Tuple[Tensor, Tensor]:
-    """Waveforms ``(tasks, T)`` to ``x`` ``(tasks, T, 1)`` on ``[-50, 50]`` and ``y``
-    ``(tasks, T, 1)``."""
+def audio_context(waves: Tensor, bound: float = AUDIO_BOUND) -> Tuple[Tensor, Tensor]:
+    """Waveforms ``(tasks, T)`` to ``x`` ``(tasks, T, 1)`` on ``[-bound, bound]`` and ``y``
+    ``(tasks, T, 1)``.
+
+    The paper's ``bound`` is 50 for 1 s clips. For shorter clips, ``50 * seconds`` keeps the
+    paper's spacing between samples (and so the frequencies SIREN has to represent).
+    """
     _check(waves, 2, "waves", "(tasks, samples)")
     tasks, t = waves.shape
-    coords = grid((t,), AUDIO_BOUND).to(device=waves.device, dtype=waves.dtype)
+    coords = grid((t,), bound).to(device=waves.device, dtype=waves.dtype)
     return coords.expand(tasks, t, 1), waves.unsqueeze(-1)
 
 

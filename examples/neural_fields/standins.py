@@ -177,7 +177,7 @@ def speech(seconds: float, *, sample_rate: int = 16_000) -> data.Clips:
 
 
 def climate(stride: int = 1) -> data.Grid:
-    """Monthly global 10 m winds (ERA5 stand-in): the U and V components of
+    """Monthly mean global winds 1982-1992 (ERA5 stand-in): the U and V components of
     ``monthly_navy_winds.cdf`` (132 months each, 73 x 144 on a 2.5-degree grid, no missing
     values) as 264 fields; every ``stride``-th latitude and longitude."""
     path = fetch("climate")

@@ -44,6 +44,17 @@ METHODS = ("maml", "gradncp")
 SCORES = ("gradncp", "loss", "random")
 CHECKPOINT = "checkpoint.pt"
 LOG = "metrics.jsonl"
+LEARNED_LR = ("none", "step", "param")
+# Settings a resumed run may change: they do not alter the optimisation so far.
+MAY_CHANGE_ON_RESUME = (
+    "steps",
+    "threads",
+    "eval_every",
+    "ckpt_every",
+    "log_every",
+    "device",
+    "out",
+)
 
 # The paper's values (Appendix C), defaults of the flags.
 PAPER: Dict[str, Any] = dict(
@@ -62,6 +73,7 @@ PAPER: Dict[str, Any] = dict(
     batch=8,
     inner_steps=None,  # MAML 4, GradNCP 16
     inner_lr=1e-2,
+    learned_lr="none",  # the paper learns per-step rates (Meta-SGD, its ref. [35]): "step"/"param"
     first_order=False,
     ratio=0.25,
     score="gradncp",
@@ -70,6 +82,7 @@ PAPER: Dict[str, Any] = dict(
     bootstrap_weight=100.0,
     resolution=178,
     seconds=1.0,
+    audio_bound=50.0,
     frames=16,
     grid_stride=1,
     test_fraction=0.1,
@@ -129,6 +142,17 @@ def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
     )
 
 
+def make_learned_lr(
+    s: Dict[str, Any], model: nn.Module, cfg: ncp.MetaConfig
+) -> ncp.LearnedLR | None:
+    """Meta-learned inner rates (``--learned-lr step``: one per step; ``param``: one per
+    parameter entry and step), starting at ``--inner-lr``; None for a fixed rate."""
+    mode = s.get("learned_lr", "none")
+    if mode == "none":
+        return None
+    return ncp.LearnedLR(model, cfg.inner_steps, init=s["inner_lr"], per_parameter=mode == "param")
+
+
 def make_model(s: Dict[str, Any], signals: datasets.SignalSet) -> nn.Module:
     """SIREN (w0 30, 50 on the sphere; 5 layers, 7 for video) or a Fourier-feature MLP."""
     layers = s["layers"] or (7 if signals.kind == "video" else 5)
@@ -152,6 +176,7 @@ def load_data(s: Dict[str, Any]) -> datasets.SignalSet:
         root=s["root"],
         variable=s["variable"],
         seed=s["seed"],
+        audio_bound=s.get("audio_bound", PAPER["audio_bound"]),
     )
 
 
@@ -162,6 +187,7 @@ def test_psnr(
     test: Tensor,
     *,
     steps: int,
+    learned_lr: ncp.LearnedLR | None = None,
     chunk: int = 8,
 ) -> float:
     """Mean test PSNR after ``steps`` full-context steps (predictions clamped to the range)."""
@@ -170,7 +196,7 @@ def test_psnr(
     low = -1.0 if signals.kind == "audio" else 0.0
     for part in test.split(chunk):
         x, y = signals.context(part.to(device))
-        params = ncp.adapt(model, x, y, cfg, steps=steps)
+        params = ncp.adapt(model, x, y, cfg, steps=steps, learned_lr=learned_lr)
         with torch.no_grad():
             pred = ncp.forward(model, params, x).clamp(low, low + signals.data_range)
         values.append(psnr(pred, y, signals.data_range))
@@ -223,7 +249,8 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             for tests), having written a checkpoint.
 
     Returns:
-        ``model``, ``config``, ``signals``, ``step`` (outer steps done) and ``out``.
+        ``model``, ``config``, ``learned_lr`` (or None), ``signals``, ``step`` (outer steps
+        done) and ``out``.
     """
     s = dict(settings)
     if s["threads"]:
@@ -237,7 +264,9 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     np.random.seed(s["seed"])
     model = make_model(s, signals).to(device)
     cfg = make_config(s)
-    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    rates = make_learned_lr(s, model, cfg)
+    meta_params = list(model.parameters()) + ([] if rates is None else list(rates.parameters()))
+    opt = torch.optim.Adam(meta_params, lr=s["lr"])
     sampler = torch.Generator().manual_seed(s["seed"] + 1)
     step = 0
     if os.path.exists(ckpt_path):
@@ -245,8 +274,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         changed = {
             k: (ckpt["settings"].get(k), s[k])
             for k in s
-            if k not in ("steps", "threads", "eval_every", "ckpt_every", "log_every", "device")
-            and ckpt["settings"].get(k) != s[k]
+            if k not in MAY_CHANGE_ON_RESUME and ckpt["settings"].get(k, PAPER[k]) != s[k]
         }
         if changed:
             raise ValueError(
@@ -254,6 +282,8 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
                 "another `--out` or the same flags to resume."
             )
         model.load_state_dict(ckpt["model"])
+        if rates is not None:
+            rates.load_state_dict(ckpt["learned_lr"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], sampler, cfg)
         step = ckpt["step"]
@@ -264,6 +294,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     def save() -> None:
         state = {
             "model": model.state_dict(),
+            "learned_lr": None if rates is None else rates.state_dict(),
             "optimizer": opt.state_dict(),
             "rng": _rng_state(sampler, cfg),
             "step": step,
@@ -285,15 +316,15 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         opt.zero_grad(set_to_none=True)
         if step == 0:
             with ncp.MemoryMeter() as meter:
-                out = ncp.meta_step(model, (x, y), cfg)
+                out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
                 out.loss.backward()
             _log(
                 log_path, {"step": 0, "event": "memory", "peak_saved_bytes": meter.peak_saved_bytes}
             )
         else:
-            out = ncp.meta_step(model, (x, y), cfg)
+            out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
             out.loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
+        nn.utils.clip_grad_norm_(meta_params, s["clip"])
         opt.step()
         step += 1
         bar.update(1)
@@ -305,13 +336,20 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             bar.set_postfix(loss=f"{q:.4g}")
         if step % s["eval_every"] == 0 or step == s["steps"]:
             test = signals.test[: s["eval_signals"]]
-            value = test_psnr(model, cfg, signals, test, steps=s["test_steps"])
+            value = test_psnr(model, cfg, signals, test, steps=s["test_steps"], learned_lr=rates)
             _log(log_path, {"step": step, "event": "eval", "psnr": value})
             bar.write(f"step {step}: test PSNR {value:.2f} dB after {s['test_steps']} steps")
         if step % s["ckpt_every"] == 0 or step == end:
             save()
     bar.close()
-    return {"model": model, "config": cfg, "signals": signals, "step": step, "out": s["out"]}
+    return {
+        "model": model,
+        "config": cfg,
+        "learned_lr": rates,
+        "signals": signals,
+        "step": step,
+        "out": s["out"],
+    }
 
 
 def read_log(out: str) -> List[Dict[str, Any]]:
@@ -339,6 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch", type=int, help=f"signals per outer step ({d['batch']})")
     a("--inner-steps", type=int, help="K (MAML 4, GradNCP 16)")
     a("--inner-lr", type=float, help=f"inner SGD learning rate ({d['inner_lr']:g})")
+    a("--learned-lr", choices=LEARNED_LR, help="meta-learned inner rates, Meta-SGD (none)")
     a("--first-order", action="store_true", default=None, help="first-order MAML")
     a("--ratio", type=float, help=f"GradNCP kept fraction gamma ({d['ratio']:g})")
     a("--score", choices=SCORES, help=f"point score ({d['score']})")
@@ -347,6 +386,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bootstrap-weight", type=float, help=f"lambda ({d['bootstrap_weight']:g})")
     a("--resolution", type=int, help=f"image / frame side ({d['resolution']})")
     a("--seconds", type=float, help=f"audio clip length ({d['seconds']:g})")
+    a("--audio-bound", type=float, help=f"audio coordinates on [-B, B] ({d['audio_bound']:g})")
     a("--frames", type=int, help=f"video clip frames ({d['frames']})")
     a("--grid-stride", type=int, help=f"keep 1 grid point in N per axis ({d['grid_stride']})")
     a("--test-fraction", type=float, help=f"held-out share ({d['test_fraction']:g})")
@@ -387,7 +427,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for name in POSITIVE:
         if s[name] is not None and s[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    for name in ("lr", "clip", "inner_lr", "seconds", "bootstrap_lr"):
+    for name in ("lr", "clip", "inner_lr", "seconds", "bootstrap_lr", "audio_bound"):
         if not s[name] > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {s[name]}")
     if not 0 < s["ratio"] <= 1:
