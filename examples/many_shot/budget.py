@@ -8,21 +8,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence, Tuple
 
-import ncp
 from torch import Tensor, nn
 
-
-def _measurable(cfg: ncp.MetaConfig) -> ncp.MetaConfig:
-    """``cfg`` with a pruner that ``ncp.MemoryMeter`` can watch.
-
-    The closed-form ``"gradncp"`` score of a cross-entropy head runs ``torch.func.grad``, which
-    refuses the saved-tensor hooks the meter installs. Scores are computed without a graph, so
-    the bytes saved for backward depend only on how many points are kept, not on how they are
-    chosen: the ``"loss"`` score keeps the same number and is measured instead.
-    """
-    if cfg.pruner is None or cfg.pruner.score != "gradncp":
-        return cfg
-    return dataclasses.replace(cfg, pruner=dataclasses.replace(cfg.pruner, score="loss"))
+import ncp
 
 
 def saved_bytes(model: nn.Module, batch: Sequence[Tensor], cfg: ncp.MetaConfig) -> int:
@@ -30,7 +18,7 @@ def saved_bytes(model: nn.Module, batch: Sequence[Tensor], cfg: ncp.MetaConfig) 
     ``cfg`` on ``batch``, measured with :class:`ncp.MemoryMeter`; the model's gradients are
     cleared afterwards."""
     with ncp.MemoryMeter() as meter:
-        out = ncp.meta_step(model, batch, _measurable(cfg), loss_fn=ncp.losses.cross_entropy)
+        out = ncp.meta_step(model, batch, cfg, loss_fn=ncp.losses.cross_entropy)
         out.loss.backward()
     model.zero_grad(set_to_none=True)
     return meter.peak_saved_bytes

@@ -36,9 +36,9 @@ from .train import run as run_one
 def matched_steps(cfg: RunConfig) -> Dict[str, int]:
     """GradNCP's horizon fitted into MAML's measured budget on one training episode."""
     splits = load_splits(cfg)
-    model = build_model(
-        cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed  # type: ignore[arg-type]
-    ).to(torch.device(cfg.device))
+    model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed).to(
+        torch.device(cfg.device)
+    )
     sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
     batch = sampler.sample(1).to(torch.device(cfg.device)).batch()
     steps, used, budget = match_steps(
@@ -65,7 +65,7 @@ def summarise(results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
             "episodes_per_seed": runs[0]["test"]["episodes"],
             "train_seconds": [r["train_seconds"] for r in runs],
         }
-        if "test_no_rescale" in runs[0]:
+        if all("test_no_rescale" in r for r in runs):
             plain = [r["test_no_rescale"]["mean"] for r in runs]
             entry["no_rescale_mean_over_seeds"] = float(np.mean(plain))
             entry["no_rescale_std_over_seeds"] = (
@@ -136,6 +136,30 @@ def compare(
     return summary
 
 
+def summarise_dir(out: Path) -> Dict[str, Any]:
+    """Summarise the finished runs under ``out`` (``METHOD-sSEED/result.json``) without running
+    anything; writes ``summary.json`` and ``summary.md`` there."""
+    results: Dict[str, List[Dict[str, Any]]] = {}
+    for method in METHODS:
+        paths = sorted(out.glob(f"{method}-s*/result.json"))
+        runs = [json.loads(p.read_text()) for p in paths]
+        if runs:
+            results[method] = sorted(runs, key=lambda r: r["config"]["seed"])
+    if not results:
+        raise FileNotFoundError(f"no finished run (METHOD-sSEED/result.json) under {out}.")
+    first = next(iter(results.values()))[0]["config"]
+    seeds = sorted({r["config"]["seed"] for runs in results.values() for r in runs})
+    summary = {"summary": summarise(results), "matched_memory": None, "config": first}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    title = (
+        f"{first['data']}, {first['ways']}-way {first['shots']}-shot, "
+        f"{first['image_size']}x{first['image_size']}, Conv4-{first['hidden']}, "
+        f"{first['outer_steps']} outer steps, seeds {seeds}"
+    )
+    (out / "summary.md").write_text(markdown(summary["summary"], title))
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     """CLI entry point; prints the summary table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -148,7 +172,16 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         action="store_true",
         help="fit GradNCP's horizon into MAML's measured saved bytes",
     )
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="only summarise the finished runs under --out",
+    )
     args = parser.parse_args(argv)
+    if args.summarise_only:
+        summary = summarise_dir(Path(args.out))
+        print((Path(args.out) / "summary.md").read_text(), file=sys.stderr)
+        return summary
     base = config_from_args(args)
     summary = compare(base, Path(args.out), args.seeds, args.methods, args.match_memory)
     print((Path(args.out) / "summary.md").read_text(), file=sys.stderr)

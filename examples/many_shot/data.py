@@ -39,12 +39,28 @@ from tqdm import tqdm
 
 SPLITS = ("train", "val", "test")
 CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits
-FONT_PACKAGES = (
-    "fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-liberation2 fonts-freefont-ttf "
-    "fonts-urw-base35 fonts-texgyre fonts-cmu fonts-crosextra-carlito fonts-crosextra-caladea "
-    "fonts-open-sans fonts-roboto-unhinted fonts-lato fonts-linuxlibertine fonts-ebgaramond "
-    "fonts-comic-neue fonts-humor-sans fonts-go fonts-hack fonts-inconsolata"
-).split()
+FONT_PACKAGES = [
+    "fonts-dejavu-core",
+    "fonts-dejavu-extra",
+    "fonts-liberation",
+    "fonts-liberation2",
+    "fonts-freefont-ttf",
+    "fonts-urw-base35",
+    "fonts-texgyre",
+    "fonts-cmu",
+    "fonts-crosextra-carlito",
+    "fonts-crosextra-caladea",
+    "fonts-open-sans",
+    "fonts-roboto-unhinted",
+    "fonts-lato",
+    "fonts-linuxlibertine",
+    "fonts-ebgaramond",
+    "fonts-comic-neue",
+    "fonts-humor-sans",
+    "fonts-go",
+    "fonts-hack",
+    "fonts-inconsolata",
+]
 FASHION_PACKAGE = "dataset-fashion-mnist"
 FASHION_CLASSES = (
     "t-shirt/top",
@@ -414,9 +430,7 @@ def render_glyph_bank(
     return bank
 
 
-def split_classes(
-    n: int, counts: Tuple[int, int, int], seed: int
-) -> Dict[str, np.ndarray]:
+def split_classes(n: int, counts: Tuple[int, int, int], seed: int) -> Dict[str, np.ndarray]:
     """Shuffle ``range(n)`` with ``seed`` and cut it into train/val/test of ``counts`` sizes."""
     if sum(counts) != n or min(counts) < 0:
         raise ValueError(
@@ -476,8 +490,9 @@ def load_glyphs(
         dirs.append(fetch_debian(FONT_PACKAGES, cache) / "usr" / "share" / "fonts")
     paths = find_fonts(dirs)
     key = hashlib.sha256(
-        json.dumps([[os.path.basename(p) for p in paths], image_size, variants, render_seed])
-        .encode()
+        json.dumps(
+            [[os.path.basename(p) for p in paths], image_size, variants, render_seed]
+        ).encode()
     ).hexdigest()[:16]
     bank_path = cache / "glyphs" / f"bank-{image_size}px-{key}.npz"
     if bank_path.is_file():

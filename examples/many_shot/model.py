@@ -9,7 +9,7 @@ uses ``nn.GroupNorm`` instead, which normalises each image on its own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -93,9 +93,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(
-    ways: int, in_channels: int, hidden: int, image_size: int, norm: Norm, seed: int
+    ways: int, in_channels: int, hidden: int, image_size: int, norm: str, seed: int
 ) -> Conv4:
-    """A :class:`Conv4` initialised from ``seed`` (PyTorch's default initialisation)."""
+    """A :class:`Conv4` initialised from ``seed`` (PyTorch's default initialisation), leaving
+    the global random state untouched."""
+    if norm not in NORMS:
+        raise ValueError(f"`--norm` must be one of {list(NORMS)}, got {norm!r}.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Conv4(ways, in_channels=in_channels, hidden=hidden, image_size=image_size, norm=norm)
+        return Conv4(
+            ways,
+            in_channels=in_channels,
+            hidden=hidden,
+            image_size=image_size,
+            norm=cast(Norm, norm),
+        )

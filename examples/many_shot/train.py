@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-import ncp
 import numpy as np
 import torch
 from tqdm import tqdm
+
+import ncp
 
 from . import data
 from .budget import saved_bytes
@@ -97,7 +98,7 @@ class RunConfig:
     ratio: float = 0.25
     score: str = "gradncp"
     boot_steps: int = 5
-    boot_lr: float = 0.05
+    boot_lr: float | None = None
     boot_weight: float = 100.0
     # outer loop
     outer_steps: int = 500
@@ -110,6 +111,7 @@ class RunConfig:
     test_steps: int | None = None
     eval_seed: int = 1234
     rescale: str = "grad"
+    plain_eval: bool = True
     # running
     device: str = "cpu"
     threads: int | None = None
@@ -192,7 +194,9 @@ def meta_config(cfg: RunConfig, method: str | None = None) -> ncp.MetaConfig:
         first_order=cfg.first_order,
         pruner=ncp.ContextPruner(ratio=cfg.ratio, score=cfg.score),
         bootstrap=ncp.BootstrapMetaLoss(
-            steps=cfg.boot_steps, lr=cfg.boot_lr, weight=cfg.boot_weight
+            steps=cfg.boot_steps,
+            lr=cfg.inner_lr if cfg.boot_lr is None else cfg.boot_lr,
+            weight=cfg.boot_weight,
         ),
     )
 
@@ -219,7 +223,9 @@ def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
     ``z * std / sqrt(n)`` with the sample standard deviation (``ddof=1``)."""
     v = np.asarray(values, dtype=np.float64)
     if v.size < 2:
-        raise ValueError(f"`values` needs at least 2 entries for a confidence interval, got {v.size}.")
+        raise ValueError(
+            f"`values` needs at least 2 entries for a confidence interval, got {v.size}."
+        )
     return float(v.mean()), float(z * v.std(ddof=1) / math.sqrt(v.size))
 
 
@@ -330,9 +336,9 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
             p.unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    model = build_model(
-        cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed  # type: ignore[arg-type]
-    ).to(device)
+    model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed).to(
+        device
+    )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
     sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
     meta = meta_config(cfg)
@@ -419,7 +425,9 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
     batch = probe.sample(1).to(torch.device(cfg.device)).batch()
     result["saved_bytes_per_task"] = saved_bytes(model, batch, meta_config(cfg))
     if cfg.evaluate:
-        modes = ["none"] if cfg.method == "maml" else [cfg.rescale, "none"]
+        modes = ["none"] if cfg.method == "maml" else [cfg.rescale]
+        if cfg.method == "gradncp" and cfg.plain_eval:
+            modes.append("none")
         for mode in dict.fromkeys(modes):
             t1 = time.perf_counter()
             accs = evaluate(model, cfg, splits["test"], rescale=mode)
@@ -442,41 +450,111 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     g = parser.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default=d.data)
-    g.add_argument("--data-root", default=d.data_root, help="mini-ImageNet: folder with images/ and the csvs; fashion: folder of the IDX .gz files (default: fetched into the cache); glyphs: a rendered bank .npz (default: rendered from fonts)")
-    g.add_argument("--image-size", type=int, default=d.image_size, help="side images are resized to (mini-ImageNet: 84)")
-    g.add_argument("--fonts", choices=("builtin", "debian"), default=d.fonts, help="glyph fonts: builtin (no download) or debian (20 font packages fetched into the cache)")
-    g.add_argument("--variants", type=int, default=d.variants, help="glyph renderings per (character, font)")
-    g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the class split (glyphs, fashion)")
+    g.add_argument(
+        "--data-root",
+        default=d.data_root,
+        help="mini-ImageNet: folder with images/ and the csvs; fashion: folder of the IDX .gz files (default: fetched into the cache); glyphs: a rendered bank .npz (default: rendered from fonts)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=d.image_size,
+        help="side images are resized to (mini-ImageNet: 84)",
+    )
+    g.add_argument(
+        "--fonts",
+        choices=("builtin", "debian"),
+        default=d.fonts,
+        help="glyph fonts: builtin (no download) or debian (20 font packages fetched into the cache)",
+    )
+    g.add_argument(
+        "--variants", type=int, default=d.variants, help="glyph renderings per (character, font)"
+    )
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=d.split_seed,
+        help="seed of the class split (glyphs, fashion)",
+    )
     g = parser.add_argument_group("episodes")
     g.add_argument("--ways", type=int, default=d.ways)
     g.add_argument("--shots", type=int, default=d.shots)
     g.add_argument("--queries", type=int, default=d.queries)
-    g.add_argument("--tasks", type=int, default=d.tasks, help="episodes per outer step (meta-batch)")
+    g.add_argument(
+        "--tasks", type=int, default=d.tasks, help="episodes per outer step (meta-batch)"
+    )
     g = parser.add_argument_group("model")
     g.add_argument("--hidden", type=int, default=d.hidden, help="Conv4 filters per layer")
-    g.add_argument("--norm", choices=("batch", "group"), default=d.norm, help="batch: BatchNorm without running statistics; group: GroupNorm")
+    g.add_argument(
+        "--norm",
+        choices=("batch", "group"),
+        default=d.norm,
+        help="batch: BatchNorm without running statistics; group: GroupNorm",
+    )
     g = parser.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=d.method)
-    g.add_argument("--maml-steps", type=int, default=d.maml_steps, help="MAML's inner steps K (sets the memory budget)")
-    g.add_argument("--inner-steps", type=int, default=d.inner_steps, help="GradNCP's inner steps; default maml-steps / ratio")
+    g.add_argument(
+        "--maml-steps",
+        type=int,
+        default=d.maml_steps,
+        help="MAML's inner steps K (sets the memory budget)",
+    )
+    g.add_argument(
+        "--inner-steps",
+        type=int,
+        default=d.inner_steps,
+        help="GradNCP's inner steps; default maml-steps / ratio",
+    )
     g.add_argument("--inner-lr", type=float, default=d.inner_lr)
     g.add_argument("--first-order", action="store_true")
-    g.add_argument("--ratio", type=float, default=d.ratio, help="fraction of the support set kept per step")
+    g.add_argument(
+        "--ratio", type=float, default=d.ratio, help="fraction of the support set kept per step"
+    )
     g.add_argument("--score", choices=("gradncp", "loss", "random"), default=d.score)
     g.add_argument("--boot-steps", type=int, default=d.boot_steps, help="bootstrap steps L")
-    g.add_argument("--boot-lr", type=float, default=d.boot_lr)
-    g.add_argument("--boot-weight", type=float, default=d.boot_weight, help="bootstrap weight lambda")
+    g.add_argument(
+        "--boot-lr",
+        type=float,
+        default=d.boot_lr,
+        help="bootstrap step size; default the inner lr (Algorithm 1)",
+    )
+    g.add_argument(
+        "--boot-weight", type=float, default=d.boot_weight, help="bootstrap weight lambda"
+    )
     g = parser.add_argument_group("outer loop")
     g.add_argument("--outer-steps", type=int, default=d.outer_steps)
     g.add_argument("--outer-lr", type=float, default=d.outer_lr)
-    g.add_argument("--clip", type=float, default=d.clip, help="clip the meta-gradient norm (default: no clipping)")
+    g.add_argument(
+        "--clip",
+        type=float,
+        default=d.clip,
+        help="clip the meta-gradient norm (default: no clipping)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
-    g.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="test episodes adapted at once")
-    g.add_argument("--test-steps", type=int, default=d.test_steps, help="test-time steps for both methods; default maml-steps / ratio")
+    g.add_argument(
+        "--eval-tasks", type=int, default=d.eval_tasks, help="test episodes adapted at once"
+    )
+    g.add_argument(
+        "--test-steps",
+        type=int,
+        default=d.test_steps,
+        help="test-time steps for both methods; default maml-steps / ratio",
+    )
     g.add_argument("--eval-seed", type=int, default=d.eval_seed)
-    g.add_argument("--rescale", choices=("grad", "loss", "none"), default=d.rescale, help="GradNCP's test-time gradient rescaling")
+    g.add_argument(
+        "--rescale",
+        choices=("grad", "loss", "none"),
+        default=d.rescale,
+        help="GradNCP's test-time gradient rescaling",
+    )
+    g.add_argument(
+        "--no-plain-eval",
+        dest="plain_eval",
+        action="store_false",
+        help="skip GradNCP's second evaluation without rescaling",
+    )
     g = parser.add_argument_group("running")
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads)
