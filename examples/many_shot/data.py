@@ -19,7 +19,6 @@ first use, never into the repository.
 from __future__ import annotations
 
 import csv
-import functools
 import glob
 import gzip
 import hashlib
@@ -34,8 +33,10 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from examples.neural_fields.text_data import load_font, renders_characters
 
 SPLITS = ("train", "val", "test")
 CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits
@@ -314,26 +315,9 @@ def builtin_font_dirs() -> List[Path]:
     return [Path(matplotlib.get_data_path()) / "fonts" / "ttf", Path("/usr/share/fonts")]
 
 
-@functools.cache
-def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(path, size)
-
-
 def _usable_font(path: str) -> bool:
     """Whether every character renders ink, distinct from the missing-glyph box and each other."""
-    try:
-        font = _font(path, 32)
-    except OSError:
-        return False
-    missing = bytes(font.getmask("\U000f0000"))
-    seen = set()
-    for ch in CHARACTERS:
-        mask = font.getmask(ch)
-        data = bytes(mask)
-        if mask.size[0] * mask.size[1] == 0 or not any(data) or data == missing:
-            return False
-        seen.add((mask.size, data))
-    return len(seen) == len(CHARACTERS)
+    return renders_characters(path, CHARACTERS, size=32)
 
 
 def find_fonts(dirs: Sequence[str | os.PathLike]) -> Tuple[str, ...]:
@@ -379,7 +363,7 @@ def render_glyph(
         (big / 2, 0.74 * big),
         char,
         fill=255,
-        font=_font(font_path, int(0.62 * big)),
+        font=load_font(font_path, int(0.62 * big)),
         anchor="ms",
         stroke_width=stroke,
         stroke_fill=255,

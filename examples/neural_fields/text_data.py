@@ -41,25 +41,28 @@ def _font_dirs() -> List[str]:
 
 
 @functools.cache
-def _load_font(path: str, size: int) -> ImageFont.FreeTypeFont:
+def load_font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    """The TrueType font at ``path`` in pixel ``size`` (cached)."""
     return ImageFont.truetype(path, size)
 
 
-def _renders_alphabet(path: str) -> bool:
-    """True when every character of :data:`ALPHABET` draws ink distinct from a missing glyph."""
+def renders_characters(path: str, characters: str, size: int = 24) -> bool:
+    """True when the font at ``path`` draws every one of ``characters`` as its own ink, distinct
+    from the missing-glyph box and from each other (fonts with symbol-only or partial tables
+    fail). Also used by the many-shot example's glyph classes."""
     try:
-        font = _load_font(path, 24)
+        font = load_font(path, size)
     except OSError:
         return False
     missing = bytes(font.getmask("\U0010fffd"))
     masks = set()
-    for ch in ALPHABET:
+    for ch in characters:
         mask = font.getmask(ch)
         data = bytes(mask)
         if mask.size[0] * mask.size[1] == 0 or not any(data) or data == missing:
             return False
         masks.add((mask.size, data))
-    return len(masks) == len(ALPHABET)
+    return len(masks) == len(characters)
 
 
 @functools.cache
@@ -79,7 +82,7 @@ def find_fonts() -> Tuple[str, ...]:
             name = os.path.basename(path)
             if name in found or any(bad in name for bad in _SYMBOL_FONTS):
                 continue
-            if _renders_alphabet(path):
+            if renders_characters(path, ALPHABET):
                 found[name] = path
     if not found:
         raise RuntimeError(
@@ -179,11 +182,11 @@ class TextImages(torch.utils.data.Dataset):
             text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(2, 8)))
             path = rng.choice(self.fonts)
             size = max(6, round(band * rng.uniform(0.45, 0.9)))
-            font = _load_font(path, size)
+            font = load_font(path, size)
             left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
             if right - left > 0.95 * res:  # shrink to fit the width
                 size = max(6, int(size * 0.95 * res / (right - left)))
-                font = _load_font(path, size)
+                font = load_font(path, size)
                 left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
             x = rng.uniform(0, max(0.0, res - (right - left))) - left
             y0 = line * band
