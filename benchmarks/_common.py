@@ -176,27 +176,25 @@ def header(title: str, env: Mapping[str, Any], load_end: float | None = None) ->
     )
 
 
-def meminfo_bytes(key: str) -> int | None:
-    """A ``/proc/meminfo`` entry in bytes (None off Linux)."""
+def _proc_kib_entry(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a ``/proc`` file, in bytes (None off Linux or when absent)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def meminfo_bytes(key: str) -> int | None:
+    """A ``/proc/meminfo`` entry in bytes (None off Linux)."""
+    return _proc_kib_entry("/proc/meminfo", key)
 
 
 def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_kib_entry("/proc/self/status", key)
 
 
 def rss_bytes() -> int | None:
