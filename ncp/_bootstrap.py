@@ -54,6 +54,11 @@ class BootstrapMetaLoss:
             ``lr=cfg.inner_lr`` to follow the algorithm literally.
         weight: the paper's ``lambda`` (100).
         squared: use the squared distance instead of the L2 norm.
+        chunk_size: accumulate each target step's gradient over chunks of at most this many
+            context points, so the transient graph of a full-context step never holds more
+            than one chunk; takes precedence over ``MetaConfig.chunk_size`` for the target
+            only. Exact for models that treat points independently; with batch norm over
+            points each chunk uses its own statistics (an approximation).
 
     Example:
         >>> import torch, ncp
@@ -72,6 +77,7 @@ class BootstrapMetaLoss:
     lr: float = 5e-2
     weight: float = 100.0
     squared: bool = False
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -89,6 +95,15 @@ class BootstrapMetaLoss:
             raise ValueError(f"`BootstrapMetaLoss.weight` must be >= 0, got {self.weight!r}.")
         if not isinstance(self.squared, bool):
             raise TypeError(f"`BootstrapMetaLoss.squared` must be a bool, got {self.squared!r}.")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise ValueError(
+                "`BootstrapMetaLoss.chunk_size` must be a positive int or None, got "
+                f"{self.chunk_size!r}."
+            )
 
     def target(
         self,
@@ -105,7 +120,8 @@ class BootstrapMetaLoss:
         """``theta_boot``: ``steps`` SGD steps from ``stopgrad(params)`` on ``(x, y)``; no graph.
 
         Only the parameters in ``names`` (default all) are stepped and returned; with
-        ``chunk_size`` each gradient is accumulated over chunks of at most that many points.
+        ``chunk_size`` (or this loss's own ``chunk_size``, which takes precedence) each
+        gradient is accumulated over chunks of at most that many points.
         """
         target, _ = first_order_steps(
             model,
@@ -117,7 +133,7 @@ class BootstrapMetaLoss:
             lr=self.lr,
             vmap_tasks=vmap_tasks,
             names=names,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size if self.chunk_size is None else self.chunk_size,
         )
         return target if names is None else {n: target[n] for n in names}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ContextManager, Mapping, NamedTuple
 
@@ -25,6 +26,50 @@ def keep_count(ratio: float, points: int) -> int:
 def top_k_indices(scores: Tensor, k: int) -> Tensor:
     """Indices ``(tasks, k)`` of the ``k`` highest scores of each task."""
     return torch.topk(scores, k, dim=1, sorted=False).indices
+
+
+def balanced_top_k_indices(scores: Tensor, labels: Tensor, k: int, classes: int) -> Tensor:
+    """Indices ``(tasks, k)`` of ``k`` high-scoring points per task, each class keeping its share.
+
+    A class ``c`` holding ``n_c`` of a task's ``n`` points keeps its ``floor(k * n_c / n)``
+    highest-scoring points; the ``r = k - sum_c floor(k * n_c / n)`` slots left over go, one
+    each, to the ``r`` classes whose best point not yet kept scores highest. Every class thus
+    keeps its proportional share rounded down or up, never more points than it has, and the
+    total is ``k``, the memory of :func:`top_k_indices`. Ties in score keep the lower index.
+
+    Args:
+        scores: ``(tasks, points)``.
+        labels: integer classes ``(tasks, points)`` in ``[0, classes)``.
+        k: points kept per task, ``1 <= k <= points``.
+        classes: number of classes.
+
+    Example:
+        >>> import torch
+        >>> from ncp.functional import balanced_top_k_indices
+        >>> scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 1.0, 0.5, 0.2, 0.1]])
+        >>> labels = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+        >>> balanced_top_k_indices(scores, labels, 4, 2).sort().values
+        tensor([[0, 1, 4, 5]])
+    """
+    tasks, n = scores.shape
+    labels = labels.long()
+    counts = torch.zeros(tasks, classes, dtype=torch.long, device=scores.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    quota = counts * k // n
+    # Points in descending score order, then grouped by class (stably: best first in a class).
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    ranked_labels = labels.gather(1, order)
+    by_class = torch.argsort(ranked_labels, dim=1, stable=True)
+    position = torch.arange(n, device=scores.device).expand(tasks, n)
+    first = (counts.cumsum(1) - counts).gather(1, ranked_labels.gather(1, by_class))
+    rank = torch.empty_like(position).scatter_(1, by_class, position - first)  # within class
+    share = quota.gather(1, ranked_labels)
+    # Priority: every point inside its class's share, then each class's best remaining point
+    # (one per class), each group in score order; the top k of it is the kept set.
+    priority = torch.where(
+        rank < share, 2 * n - position, torch.where(rank == share, n - position, -position)
+    )
+    return order.gather(1, torch.topk(priority, k, dim=1).indices)
 
 
 def gather_points(t: Tensor, indices: Tensor) -> Tensor:
@@ -83,6 +128,13 @@ class ContextPruner:
             which points are kept only where scores nearly tie (docs/benchmarks.md measures
             the agreement). On CPUs without bf16 instructions, and for float16 on CPU, it is
             slower, not faster.
+        balance_classes: for classification, the number of classes ``N``: the kept set then
+            holds every class's share of the context (``floor(k * n_c / n)`` top-scoring
+            points of class ``c``, the leftover slots to the classes whose next point scores
+            highest; :func:`ncp.functional.balanced_top_k_indices`), still ``k`` points in
+            all. The targets must be integer labels ``(tasks, points)`` in ``[0, N)``. None
+            (default) keeps the global top ``k``, the paper's rule, which can leave whole
+            classes out of a step (docs/concepts.md, "Class-balanced pruning").
 
     Example:
         >>> import torch, ncp
@@ -103,6 +155,7 @@ class ContextPruner:
     head: str | None = None
     generator: torch.Generator | None = None
     score_dtype: torch.dtype | None = None
+    balance_classes: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -137,6 +190,15 @@ class ContextPruner:
             raise ValueError(
                 "`ContextPruner.score_dtype` has no effect with score='random' (no forward "
                 "pass); drop it or use score='gradncp' / 'loss'."
+            )
+        if self.balance_classes is not None and (
+            isinstance(self.balance_classes, bool)
+            or not isinstance(self.balance_classes, int)
+            or self.balance_classes < 2
+        ):
+            raise ValueError(
+                "`ContextPruner.balance_classes` must be the number of classes (an int >= 2) "
+                f"or None, got {self.balance_classes!r}."
             )
         if self.generator is not None and self.score != "random":
             raise ValueError(
@@ -184,7 +246,7 @@ class ContextPruner:
         """Validate a public call's inputs; the per-task parameters to score at."""
         check_pair(x, y)
         check_device(model, x, y)
-        self._check_generator(x)
+        self._check_context(x, y)
         if params is None:
             return init_params(model, x.shape[0], detach=True)
         check_params(model, params, x.shape[0])
@@ -203,8 +265,7 @@ class ContextPruner:
 
         The loop bodies (``_select``) then run without checks or head searches.
         """
-        self.keep(x.shape[1])
-        self._check_generator(x)
+        self._check_context(x, y)
         pruner = self
         if self.score == "gradncp":
             head = self.head
@@ -215,6 +276,38 @@ class ContextPruner:
         if pruner.chunk_size is None and chunk_size is not None:
             pruner = dataclasses.replace(pruner, chunk_size=chunk_size)
         return pruner
+
+    def _check_context(self, x: Tensor, y: Tensor) -> None:
+        """The context ``(tasks, points, ...)`` suits this pruner: ``k >= 1``, the generator's
+        device, and class labels for ``balance_classes``."""
+        k = self.keep(x.shape[1])
+        self._check_generator(x)
+        if self.balance_classes is not None:
+            self._check_labels(y, k, self.balance_classes)
+
+    def _check_labels(self, y: Tensor, k: int, n: int) -> None:
+        if y.dim() != 2 or y.dtype == torch.bool or y.dtype.is_floating_point or y.is_complex():
+            raise ValueError(
+                f"`ContextPruner.balance_classes`={n} needs integer class labels of shape "
+                f"(tasks, points) as context targets, got {y.dtype} targets of shape "
+                f"{tuple(y.shape)}; use balance_classes=None for regression targets."
+            )
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= n:
+            raise ValueError(
+                f"`ContextPruner.balance_classes`={n} needs labels in [0, {n}), got labels from "
+                f"{low} to {high}; set balance_classes to the number of classes."
+            )
+        counts = torch.zeros(y.shape[0], n, dtype=torch.long, device=y.device)
+        counts.scatter_add_(1, y.long(), torch.ones_like(y, dtype=torch.long))
+        present = int((counts > 0).sum(1).max())
+        if k < present:
+            warnings.warn(
+                f"`ContextPruner.ratio`={self.ratio} keeps {k} points per step but the context "
+                f"holds {present} classes, so every step leaves {present - k} of them out; "
+                "raise the ratio.",
+                stacklevel=5,
+            )
 
     def _check_generator(self, x: Tensor) -> None:
         if self.generator is not None and not _same_device(self.generator.device, x.device):
@@ -256,9 +349,12 @@ class ContextPruner:
         vmap_tasks: bool = True,
     ) -> Pruned:
         """Score, take the top ``k`` and gather, with no validation (for loop bodies)."""
-        idx = top_k_indices(
-            self._scores(model, params, x, y, loss_fn, vmap_tasks), self.keep(x.shape[1])
-        )
+        scores = self._scores(model, params, x, y, loss_fn, vmap_tasks)
+        k = self.keep(x.shape[1])
+        if self.balance_classes is None:
+            idx = top_k_indices(scores, k)
+        else:
+            idx = balanced_top_k_indices(scores, y, k, self.balance_classes)
         return Pruned(gather_points(x, idx), gather_points(y, idx), idx)
 
     def __call__(

@@ -13,6 +13,7 @@ from ._inner import task_gradients as task_gradients
 from ._inner import task_losses as task_losses
 from ._params import init_params as init_params
 from ._params import per_task_norm as per_task_norm
+from ._pruning import balanced_top_k_indices as balanced_top_k_indices
 from ._pruning import gather_points as gather_points
 from ._pruning import keep_count as keep_count
 from ._pruning import top_k_indices as top_k_indices
@@ -23,6 +24,7 @@ from ._scoring import linear_head_score as linear_head_score
 from ._scoring import score_points as score_points
 
 __all__ = [
+    "balanced_top_k_indices",
     "find_head",
     "first_order_steps",
     "gather_points",

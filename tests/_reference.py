@@ -29,6 +29,27 @@ def exact_scores(model, params, x, y, loss_fn, head_names):
     return torch.stack(scores)
 
 
+def balanced_top(scores, labels, k, classes):
+    """Class-balanced selection of one task, written as a plain loop: each class keeps its
+    ``floor(k * n_c / n)`` best points, then the leftover slots go one at a time to the class
+    whose best unkept point scores highest (each class at most once)."""
+    n = scores.shape[0]
+    members = {c: [j for j in range(n) if int(labels[j]) == c] for c in range(classes)}
+    for c in members:  # best first; ties: lower index first
+        members[c].sort(key=lambda j: (-float(scores[j]), j))
+    kept = []
+    for c, js in members.items():
+        kept += js[: len(js) * k // n]
+    leftover = []
+    for c, js in members.items():
+        share = len(js) * k // n
+        if share < len(js):
+            leftover.append(js[share])
+    leftover.sort(key=lambda j: (-float(scores[j]), j))
+    kept += leftover[: k - len(kept)]
+    return torch.tensor(sorted(kept))
+
+
 def sgd(params, loss, lr, create_graph):
     """One SGD step; ``lr`` is a number or a function of the parameter name."""
     names = list(params)
@@ -55,10 +76,12 @@ def meta_step(
     boot_steps=0,
     boot_lr=0.05,
     weight=100.0,
+    balance_classes=None,
 ):
     """Hand-written GradNCP / MAML step (Algorithm 1). Returns a dict of results.
 
-    ``lr`` is a number or a function ``lr(step, name)`` (learned rates).
+    ``lr`` is a number or a function ``lr(step, name)`` (learned rates); ``balance_classes``
+    selects with :func:`balanced_top` instead of the global top-k.
     """
     theta0 = {n: p for n, p in model.named_parameters() if p.requires_grad}
     query, boot, kept, adapted = [], [], [], []
@@ -70,7 +93,10 @@ def meta_step(
             if ratio is not None:
                 s = exact_scores(model, params, x, y, loss_fn, head_names)
                 k = math.floor(round(ratio * x.shape[0], 9))
-                idx = torch.argsort(s, descending=True)[:k]
+                if balance_classes is None:
+                    idx = torch.argsort(s, descending=True)[:k]
+                else:
+                    idx = balanced_top(s, y, k, balance_classes)
                 task_kept.append(idx)
                 x, y = x[idx], y[idx]
             loss = point_losses(model, params, x, y, loss_fn).mean()

@@ -90,6 +90,26 @@ def _outer_steps(meta_model, model, x, y) -> Dict[str, Dict[str, torch.Tensor]]:
     return out
 
 
+BALANCED = ncp.MetaConfig(
+    inner_steps=2, pruner=ncp.ContextPruner(ratio=0.5, balance_classes=3), bootstrap=None
+)
+
+
+def _classification():
+    """A float64 classifier and TASKS tasks of 3 classes x 4 points with shuffled labels."""
+    torch.manual_seed(0)
+    model = _models.mlp(d_out=3).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(TASKS, 12, 2, generator=g, dtype=torch.float64)
+    y = torch.stack([torch.randperm(12, generator=g) % 3 for _ in range(TASKS)])
+    return model, x, y
+
+
+def _balanced_grads(meta_model, model, x, y) -> Dict[str, torch.Tensor]:
+    ncp.meta_step(meta_model, (x, y), BALANCED, loss_fn=ncp.losses.cross_entropy).loss.backward()
+    return _grads(model.named_parameters())
+
+
 def _adapt(model, x, y):
     return dict(ncp.adapt(model, x, y, CFG, steps=2, rescaler=ncp.GradRescaler()))
 
@@ -182,6 +202,9 @@ def _rank_checks(rank: int) -> dict:
     result.update(_outer_steps(ddp, model, x, y))
     result["reducer_calls"] = len(reducer_calls)
 
+    clf, cx, cy = _classification()
+    result["balanced"] = _balanced_grads(DistributedDataParallel(clf), clf, cx[half], cy[half])
+
     # Learned rates wrapped in DDP too (a user's first guess) give the same averaged gradients.
     for key, wrapped in (("rates_plain", False), ("rates_ddp", True)):
         model.zero_grad()
@@ -236,6 +259,13 @@ def test_every_rank_holds_the_meta_gradient_of_all_tasks(ranks, reference):
         for step in ("step1", "step2", "step3"):
             _assert_grads_equal(result[step], reference[step], **EXACT)
         _assert_grads_equal(result["final"], reference["final"], **EXACT)
+
+
+def test_class_balanced_pruning_under_ddp_gives_the_meta_gradient_of_all_tasks(ranks):
+    model, x, y = _classification()
+    want = _balanced_grads(model, model, x, y)
+    for result in ranks:
+        _assert_grads_equal(result["balanced"], want, **EXACT)
 
 
 def test_without_averaging_the_gradients_would_differ(reference):

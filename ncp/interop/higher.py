@@ -235,8 +235,7 @@ def prune(
     _check_type(pruner, ContextPruner, "pruner")
     _check_task(model, x, y)
     params = {k: v.detach() for k, v in fast_params(model, fmodel).items()}
-    pruner.keep(x.shape[0])
-    pruner._check_generator(x)
+    pruner._check_context(x[None], y[None])
     _check_loss_fn(model, params, x, y, loss_fn)
     return _select(model, params, x, y, pruner, loss_fn)
 
@@ -368,8 +367,7 @@ def rescale_callback(
     adapted = set(_adapted(model, adapt_only))
     names = [name for name, _ in model.named_parameters()]
     start = {k: v.detach() for k, v in fast_params(model, fmodel).items()}
-    pruner.keep(x.shape[0])
-    pruner._check_generator(x)
+    pruner._check_context(x[None], y[None])
     _check_loss_fn(model, start, x, y, loss_fn)
 
     def callback(grads: Sequence[Tensor | None]) -> List[Tensor | None]:
