@@ -357,9 +357,9 @@ def adapt(
         current = {k: v.detach() for k, v in params.items()}
     _check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
     pruner = (
-        None
-        if cfg.pruner is None
-        else cfg.pruner._prepare(model, current, x, y, loss_fn, cfg.chunk_size)
+        cfg.pruner._prepare(model, current, x, y, loss_fn, cfg.chunk_size)
+        if cfg.pruner is not None and (prune or rescaler is not None)
+        else None
     )
 
     def gradient(xs: Tensor, ys: Tensor) -> Tuple[dict[str, Tensor], Tensor]:
@@ -379,7 +379,7 @@ def adapt(
     x_k, y_k = x, y
     for step in range(steps):
         with torch.enable_grad():
-            if pruner is not None and (prune or rescaler is not None):
+            if pruner is not None:
                 x_k, y_k, idx = pruner._select(model, current, x, y, loss_fn, cfg.vmap_tasks)
                 kept.append(idx)
             grads, loss = gradient(x_k, y_k) if prune else gradient(x, y)

@@ -222,3 +222,13 @@ def test_bootstrap_chunk_size_bounds_the_transient_graph():
             ncp.BootstrapMetaLoss(steps=1, chunk_size=chunk).target(model, params, x, y)
         peaks[chunk] = meter.peak_saved_bytes
     assert peaks[128] * 8 < peaks[None]
+
+
+def test_plain_adapt_ignores_the_pruner_of_the_config():
+    """Full-context adaptation never prunes, so a context the pruner could not prune (k = 0)
+    or labels it could not balance are no reason to refuse it."""
+    model = _models.mlp()
+    x, y = torch.rand(2, 3, 2), torch.rand(2, 3, 1)
+    cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25, balance_classes=3))
+    adapted = ncp.adapt(model, x, y, cfg, steps=2)
+    assert adapted.kept_indices is None and adapted.losses.shape == (2, 2)
