@@ -13,7 +13,7 @@ from . import functional as functional
 from . import losses as losses
 from ._bootstrap import BootstrapMetaLoss as BootstrapMetaLoss
 from ._config import MetaConfig as MetaConfig
-from ._driver import Adapted as Adapted
+from ._driver import AdaptResult as AdaptResult
 from ._driver import MetaStepResult as MetaStepResult
 from ._driver import adapt as adapt
 from ._driver import forward as forward
@@ -22,6 +22,7 @@ from ._lr import LearnedLR as LearnedLR
 from ._memory import MemoryMeter as MemoryMeter
 from ._pruning import ContextPruner as ContextPruner
 from ._pruning import Pruned as Pruned
+from ._pruning import Selector as Selector
 from ._rescaling import GradRescaler as GradRescaler
 
 try:
@@ -30,7 +31,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "Adapted",
+    "AdaptResult",
     "BootstrapMetaLoss",
     "ContextPruner",
     "GradRescaler",
@@ -39,6 +40,7 @@ __all__ = [
     "MetaConfig",
     "MetaStepResult",
     "Pruned",
+    "Selector",
     "adapt",
     "forward",
     "functional",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import losses
 from ._inner import first_order_steps
 from ._params import Params
-from ._scoring import LossFn
+from .losses import LossFn
 
 
 def parameter_distance(

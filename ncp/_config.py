@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
+from . import losses
 from ._bootstrap import BootstrapMetaLoss
 from ._pruning import ContextPruner
+from .losses import LossFn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +30,9 @@ class MetaConfig:
             the query loss is checkpointed chunk by chunk and recomputed in ``backward``.
             Results are unchanged; only for models that treat points independently. The
             pruner's own ``chunk_size``, when set, takes precedence for scoring.
+        loss_fn: per-point loss ``(pred, target) -> (tasks, points)`` used by
+            :func:`ncp.meta_step` and :func:`ncp.adapt` (each may override it):
+            ``ncp.losses.mse`` for fields, ``ncp.losses.cross_entropy`` for class labels.
         adapt_only: names of the parameters (or modules, as prefixes) the inner loop adapts;
             the other trainable parameters are meta-learned only, e.g. ``("modulations",)`` to
             adapt latent modulations as in COIN++/functa. None adapts every trainable
@@ -43,8 +48,11 @@ class MetaConfig:
     inner_steps: int = 16
     inner_lr: float = 1e-2
     first_order: bool = False
-    pruner: ContextPruner | None = field(default_factory=ContextPruner)
-    bootstrap: BootstrapMetaLoss | None = field(default_factory=BootstrapMetaLoss)
+    # Frozen (immutable) instances, so one shared default is safe; a plain default (not a
+    # factory) lets the docs show the value.
+    pruner: ContextPruner | None = ContextPruner()  # noqa: RUF009
+    bootstrap: BootstrapMetaLoss | None = BootstrapMetaLoss()  # noqa: RUF009
+    loss_fn: LossFn = losses.mse
     vmap_tasks: bool = True
     adapt_only: Sequence[str] | None = None
     chunk_size: int | None = None
@@ -92,6 +100,11 @@ class MetaConfig:
                     f"names, e.g. ('modulations',), got {names!r}."
                 )
             object.__setattr__(self, "adapt_only", tuple(names))
+        if not callable(self.loss_fn):
+            raise TypeError(
+                "`MetaConfig.loss_fn` must be a per-point loss function such as "
+                f"ncp.losses.mse or ncp.losses.cross_entropy, got {self.loss_fn!r}."
+            )
         if self.bootstrap is not None and not isinstance(self.bootstrap, BootstrapMetaLoss):
             raise TypeError(
                 "`MetaConfig.bootstrap` must be an ncp.BootstrapMetaLoss or None, got "

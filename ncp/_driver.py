@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Literal, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import losses
 from ._config import MetaConfig
 from ._distributed import unwrap
 from ._inner import LR, detached_leaves, sgd_update, task_gradients, task_losses
@@ -23,8 +22,8 @@ from ._params import (
     task_forward,
 )
 from ._rescaling import GradRescaler
-from ._scoring import LossFn
-from ._validation import check_device, check_finite, check_pair, check_point_losses
+from ._validation import check_device, check_finite, check_loss_fn, check_pair
+from .losses import LossFn
 
 
 @dataclass(frozen=True)
@@ -53,24 +52,28 @@ class MetaStepResult:
     bootstrap_target: Params | None
 
 
-class Adapted(dict[str, Tensor]):
-    """Per-task parameters returned by :func:`adapt`: a plain ``{name: (tasks, *shape)}`` dict
-    that also records the trajectory that produced it.
+@dataclass(frozen=True)
+class AdaptResult:
+    """What :func:`adapt` computed (``steps`` test-time steps, ``k`` kept points).
 
     Attributes:
-        losses: ``(steps, tasks)`` loss before each step on the points the step used (the full
-            context, or the pruned one with ``prune=True``).
-        kept_indices: ``(steps, tasks, k)`` context points the pruner chose at each step (with
-            ``prune=True`` or a ``rescaler``), else None.
+        params: detached adapted per-task parameters ``{name: (tasks, *shape)}``; evaluate
+            them with :func:`ncp.forward`.
+        losses: ``(steps, tasks)`` loss before each step, on the points the step used (the
+            full context, or the pruned one with ``mode="pruned"``).
+        kept_indices: ``(steps, tasks, k)`` context points the pruner chose at each step
+            (``mode="pruned"`` or ``"rescaled"``), else None.
     """
 
+    params: Params
     losses: Tensor
     kept_indices: Tensor | None
 
-    def __init__(self, params: Params, losses: Tensor, kept_indices: Tensor | None) -> None:
-        super().__init__(params)
-        self.losses = losses
-        self.kept_indices = kept_indices
+
+Mode = Union[Literal["full", "pruned", "rescaled"], GradRescaler]
+"""Test-time adaptation: full-context steps, pruned-context steps, or full-context steps
+rescaled by a :class:`GradRescaler` (``"rescaled"`` is ``GradRescaler()``)."""
+MODES = ("full", "pruned", "rescaled")
 
 
 def _unpack(batch: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,16 +100,6 @@ def _unpack(batch: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             f"{qx.shape[0]}."
         )
     return cx, cy, qx, qy
-
-
-def _check_loss_fn(
-    model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, vmap_tasks: bool
-) -> None:
-    """Run ``loss_fn`` once on a few points to check that it returns per-point losses."""
-    n = min(x.shape[1], 8)
-    with torch.no_grad():
-        out = loss_fn(task_forward(model, params, x[:, :n], vmap_tasks=vmap_tasks), y[:, :n])
-    check_point_losses(out, x.shape[0], n)
 
 
 def _check_learned_lr(
@@ -149,7 +142,7 @@ def meta_step(
     batch: Sequence[Tensor],
     cfg: MetaConfig,
     *,
-    loss_fn: LossFn = losses.mse,
+    loss_fn: LossFn | None = None,
     learned_lr: LearnedLR | None = None,
 ) -> MetaStepResult:
     """Adapt ``model`` to every task of ``batch`` and return the outer (meta) loss.
@@ -165,7 +158,8 @@ def meta_step(
         batch: ``(x, y)``, the query set being the full context (neural fields), or
             ``(context_x, context_y, query_x, query_y)``; shapes ``(tasks, points, ...)``.
         cfg: the configuration.
-        loss_fn: per-point loss ``(pred, target) -> (tasks, points)``.
+        loss_fn: per-point loss ``(pred, target) -> (tasks, points)``; default
+            ``cfg.loss_fn``.
         learned_lr: meta-learned inner learning rates (Meta-SGD) replacing ``cfg.inner_lr``.
 
     A ``DistributedDataParallel``-wrapped model is unwrapped and its meta-gradients are
@@ -200,6 +194,7 @@ def meta_step(
             "with gradients enabled. For evaluation use ncp.adapt, which runs under no_grad."
         )
     cx, cy, qx, qy = _unpack(batch)
+    loss_fn = cfg.loss_fn if loss_fn is None else loss_fn
     model, wrap = unwrap(model, meta_gradients=True)
     check_device(model, cx, cy, qx, qy)
     check_norm_layers(model)
@@ -207,18 +202,26 @@ def meta_step(
     learned_lr = _check_learned_lr(learned_lr, names, cfg.inner_steps)
     tasks = cx.shape[0]
     params = init_params(model, tasks, wrap=wrap)
-    _check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
-    pruner = (
+    check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
+    select = (
         None
         if cfg.pruner is None
-        else cfg.pruner._prepare(model, params, cx, cy, loss_fn, cfg.chunk_size)
+        else cfg.pruner.prepare(
+            model,
+            cx,
+            cy,
+            loss_fn=loss_fn,
+            params=params,
+            chunk_size=cfg.chunk_size,
+            vmap_tasks=cfg.vmap_tasks,
+        )
     )
 
     inner, kept = [], []
     for step in range(cfg.inner_steps):
         x_k, y_k = cx, cy
-        if pruner is not None:
-            x_k, y_k, idx = pruner._select(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
+        if select is not None:
+            x_k, y_k, idx = select(params, cx, cy)
             kept.append(idx)
         grads, step_loss = task_gradients(
             model,
@@ -264,55 +267,18 @@ def meta_step(
     )
 
 
-def adapt(
+def _adapt_setup(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     cfg: MetaConfig,
-    *,
-    steps: int | None = None,
-    lr: float | None = None,
-    rescaler: GradRescaler | None = None,
-    prune: bool = False,
-    params: Params | None = None,
-    loss_fn: LossFn = losses.mse,
-    learned_lr: LearnedLR | None = None,
-) -> Adapted:
-    """Test-time adaptation (paper Algorithm 2): first-order SGD with no graph.
-
-    By default every step uses the full context. With ``rescaler`` each full-context gradient
-    is rescaled to the norm (or loss ratio) of the context ``cfg.pruner`` keeps, matching the
-    step sizes seen in meta-training. With ``prune=True`` the steps use the pruned context
-    itself, as in meta-training.
-
-    Args:
-        model: the meta-learned module.
-        x: context inputs ``(tasks, points, ...)``.
-        y: context targets ``(tasks, points, ...)``.
-        cfg: the configuration used for meta-training (pruner, default steps and lr).
-        steps: number of steps; default ``cfg.inner_steps``.
-        lr: learning rate; default ``cfg.inner_lr``.
-        rescaler: a :class:`GradRescaler`, or None for plain full-context steps.
-        prune: adapt on the pruned context instead of the full one.
-        params: per-task parameters to start from; default the model's own.
-        loss_fn: per-point loss.
-        learned_lr: meta-learned rates (Meta-SGD) used instead of ``lr``; steps past their
-            horizon reuse the last learned rate. Each call starts the schedule at its own
-            step 0, so two calls chained through ``params`` are not one longer call: adapt
-            once with the total ``steps`` instead.
-
-    Returns:
-        Detached per-task parameters (an :class:`Adapted` dict, which also carries the
-        per-step ``losses`` and ``kept_indices``); evaluate them with :func:`ncp.forward`.
-
-    Example:
-        >>> import torch, ncp
-        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        >>> x, y = torch.rand(2, 64, 2), torch.rand(2, 64, 1)
-        >>> params = ncp.adapt(model, x, y, ncp.MetaConfig(), steps=3, rescaler=ncp.GradRescaler())
-        >>> ncp.forward(model, params, x).shape
-        torch.Size([2, 64, 1])
-    """
+    mode: Mode,
+    steps: int | None,
+    lr: float | None,
+    learned_lr: LearnedLR | None,
+) -> Tuple[nn.Module, GradRescaler | None, int, float, LearnedLR | None, list[str]]:
+    """Validate :func:`adapt`'s arguments; the unwrapped model, rescaler, steps, lr, learned
+    rates and adapted parameter names."""
     if not isinstance(cfg, MetaConfig):
         raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
     check_pair(x, y)
@@ -321,6 +287,16 @@ def adapt(
             "ncp.adapt takes gradients of the inner loss, which torch.inference_mode() forbids; "
             "wrap the call in torch.no_grad() instead (adapt enables gradients internally and "
             "returns detached parameters)."
+        )
+    if not isinstance(mode, GradRescaler) and mode not in MODES:
+        raise ValueError(
+            f"`mode` must be 'full', 'pruned', 'rescaled' or an ncp.GradRescaler, got {mode!r}."
+        )
+    rescaler = GradRescaler() if mode == "rescaled" else mode
+    if mode != "full" and cfg.pruner is None:
+        raise ValueError(
+            f"mode={mode!r} needs `cfg.pruner` to choose the pruned context; pass a MetaConfig "
+            "with pruner=ncp.ContextPruner(...), or use mode='full'."
         )
     model, _ = unwrap(model, meta_gradients=False)
     check_device(model, x, y)
@@ -335,74 +311,123 @@ def adapt(
         raise ValueError(f"`steps` must be an int >= 0, got {steps!r}.")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"`lr` must be a number > 0, got {lr!r}.")
-    if rescaler is not None and not isinstance(rescaler, GradRescaler):
-        raise TypeError(
-            f"`rescaler` must be an ncp.GradRescaler or None, got {type(rescaler).__name__}."
-        )
-    if rescaler is not None and prune:
-        raise ValueError(
-            "`prune=True` adapts on the pruned context while `rescaler` rescales full-context "
-            "gradients; pass one of them."
-        )
-    if (rescaler is not None or prune) and cfg.pruner is None:
-        raise ValueError(
-            "`rescaler` and `prune=True` need `cfg.pruner` to choose the pruned context; "
-            "pass a MetaConfig with pruner=ncp.ContextPruner(...)."
-        )
+    return (
+        model,
+        rescaler if isinstance(rescaler, GradRescaler) else None,
+        steps,
+        lr,
+        learned_lr,
+        names,
+    )
+
+
+def adapt(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: MetaConfig,
+    *,
+    mode: Mode = "full",
+    steps: int | None = None,
+    lr: float | None = None,
+    params: Params | None = None,
+    loss_fn: LossFn | None = None,
+    learned_lr: LearnedLR | None = None,
+) -> AdaptResult:
+    """Test-time adaptation (paper Algorithm 2): first-order SGD with no graph.
+
+    Args:
+        model: the meta-learned module.
+        x: context inputs ``(tasks, points, ...)``.
+        y: context targets ``(tasks, points, ...)``.
+        cfg: the configuration used for meta-training (pruner, loss, default steps and lr).
+        mode: ``"full"`` steps on the full context (the default; Algorithm 2);
+            ``"rescaled"`` steps on the full context with each gradient rescaled to the norm
+            of the gradient on the context ``cfg.pruner`` keeps, matching the step sizes seen
+            in meta-training (Eq. 4; pass ``ncp.GradRescaler(mode="loss")`` for the loss-ratio
+            variant); ``"pruned"`` steps on the pruned context itself, as in meta-training
+            (the paper's Fig. 11).
+        steps: number of steps; default ``cfg.inner_steps``.
+        lr: learning rate; default ``cfg.inner_lr``.
+        params: per-task parameters to start from; default the model's own.
+        loss_fn: per-point loss; default ``cfg.loss_fn``.
+        learned_lr: meta-learned rates (Meta-SGD) used instead of ``lr``; steps past their
+            horizon reuse the last learned rate. Each call starts the schedule at its own
+            step 0, so two calls chained through ``params`` are not one longer call: adapt
+            once with the total ``steps`` instead.
+
+    Returns:
+        An :class:`AdaptResult`: the detached adapted ``params`` (evaluate them with
+        :func:`ncp.forward`), and the per-step ``losses`` and ``kept_indices``.
+
+    Example:
+        >>> import torch, ncp
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> x, y = torch.rand(2, 64, 2), torch.rand(2, 64, 1)
+        >>> out = ncp.adapt(model, x, y, ncp.MetaConfig(), steps=3, mode="rescaled")
+        >>> ncp.forward(model, out.params, x).shape, out.kept_indices.shape
+        (torch.Size([2, 64, 1]), torch.Size([3, 2, 16]))
+    """
+    model, rescaler, steps, lr, learned_lr, names = _adapt_setup(
+        model, x, y, cfg, mode, steps, lr, learned_lr
+    )
+    loss_fn = cfg.loss_fn if loss_fn is None else loss_fn
     tasks = x.shape[0]
     if params is None:
         current = init_params(model, tasks, detach=True)
     else:
         check_params(model, params, tasks)
         current = {k: v.detach() for k, v in params.items()}
-    _check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
-    pruner = (
-        cfg.pruner._prepare(model, current, x, y, loss_fn, cfg.chunk_size)
-        if cfg.pruner is not None and (prune or rescaler is not None)
-        else None
-    )
-
-    def gradient(xs: Tensor, ys: Tensor) -> Tuple[dict[str, Tensor], Tensor]:
-        return task_gradients(
+    check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
+    select = None
+    if mode != "full":
+        assert cfg.pruner is not None
+        select = cfg.pruner.prepare(
             model,
-            detached_leaves(current),
-            xs,
-            ys,
-            loss_fn,
-            create_graph=False,
-            vmap_tasks=cfg.vmap_tasks,
-            names=names,
+            x,
+            y,
+            loss_fn=loss_fn,
+            params=current,
             chunk_size=cfg.chunk_size,
+            vmap_tasks=cfg.vmap_tasks,
         )
-
     history, kept = [], []
-    x_k, y_k = x, y
     for step in range(steps):
         with torch.enable_grad():
-            if pruner is not None:
-                x_k, y_k, idx = pruner._select(model, current, x, y, loss_fn, cfg.vmap_tasks)
+            x_k, y_k = x, y
+            if select is not None:
+                x_k, y_k, idx = select(current, x, y)
                 kept.append(idx)
-            grads, loss = gradient(x_k, y_k) if prune else gradient(x, y)
-            if rescaler is not None and rescaler.mode == "grad":
-                grads = rescaler(grads, pruned_grads=gradient(x_k, y_k)[0])
-            elif rescaler is not None:
-                with torch.no_grad():
-                    pruned_loss = task_losses(
-                        model,
-                        current,
-                        x_k,
-                        y_k,
-                        loss_fn,
-                        vmap_tasks=cfg.vmap_tasks,
-                        chunk_size=cfg.chunk_size,
-                    )
-                grads = rescaler(grads, full_loss=loss, pruned_loss=pruned_loss)
+            on_kept = mode == "pruned"
+            grads, loss = task_gradients(
+                model,
+                detached_leaves(current),
+                x_k if on_kept else x,
+                y_k if on_kept else y,
+                loss_fn,
+                create_graph=False,
+                vmap_tasks=cfg.vmap_tasks,
+                names=names,
+                chunk_size=cfg.chunk_size,
+            )
+            if rescaler is not None:
+                grads = rescaler.rescale(
+                    model,
+                    current,
+                    grads,
+                    x_k,
+                    y_k,
+                    loss_fn=loss_fn,
+                    full_loss=loss,
+                    vmap_tasks=cfg.vmap_tasks,
+                    chunk_size=cfg.chunk_size,
+                )
         with torch.no_grad():
             current = sgd_update(current, grads, _step_lr(lr, learned_lr, step, names))
         history.append(loss.detach())
     losses_t = torch.stack(history) if history else x.new_zeros(0, tasks)
     check_finite(losses_t, "adaptation")
-    return Adapted(current, losses_t, torch.stack(kept) if kept else None)
+    return AdaptResult(current, losses_t, torch.stack(kept) if kept else None)
 
 
 def forward(model: nn.Module, params: Params, x: Tensor, *, vmap_tasks: bool = True) -> Tensor:
@@ -420,7 +445,7 @@ def forward(model: nn.Module, params: Params, x: Tensor, *, vmap_tasks: bool = T
     Example:
         >>> import torch, ncp
         >>> model = torch.nn.Linear(2, 3)
-        >>> params = ncp.adapt(model, torch.rand(2, 5, 2), torch.rand(2, 5, 3), ncp.MetaConfig(pruner=None), steps=1)
+        >>> params = ncp.adapt(model, torch.rand(2, 5, 2), torch.rand(2, 5, 3), ncp.MetaConfig(pruner=None), steps=1).params
         >>> ncp.forward(model, params, torch.rand(2, 7, 2)).shape
         torch.Size([2, 7, 3])
     """

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._params import Params, chunk_slices, task_forward
-from ._scoring import LossFn
+from .losses import LossFn
 
 
 def task_losses(

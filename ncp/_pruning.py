@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -13,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from ._params import check_params, init_params, task_slice
-from ._scoring import SCORES, LossFn, Score, check_head, find_head, score_points
+from ._params import Params, check_params, init_params
+from ._scoring import SCORES, STRATEGIES, Score, ScorePlan, Strategy, plan
 from ._validation import check_device, check_pair
+from .losses import LossFn
 
 
 def keep_count(ratio: float, points: int) -> int:
@@ -135,6 +135,12 @@ class ContextPruner:
             all. The targets must be integer labels ``(tasks, points)`` in ``[0, N)``. None
             (default) keeps the global top ``k``, the paper's rule, which can leave whole
             classes out of a step (docs/concepts.md, "Class-balanced pruning").
+        strategy: how the GradNCP score is computed, chosen once by :meth:`prepare`:
+            ``"auto"`` vectorises the closed form over tasks on accelerators and loops over
+            tasks on CPU (faster there); ``"vmap"`` vectorises on any device (a model the
+            vectorised pass cannot handle is scored task by task); ``"loop"`` never
+            vectorises; ``"exact"`` differentiates the head per point even when the closed
+            form applies. The scores are the same; only speed differs.
 
     Example:
         >>> import torch, ncp
@@ -156,6 +162,7 @@ class ContextPruner:
     generator: torch.Generator | None = None
     score_dtype: torch.dtype | None = None
     balance_classes: int | None = None
+    strategy: Strategy = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -200,6 +207,11 @@ class ContextPruner:
                 "`ContextPruner.balance_classes` must be the number of classes (an int >= 2) "
                 f"or None, got {self.balance_classes!r}."
             )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"`ContextPruner.strategy` must be one of {list(STRATEGIES)}, got "
+                f"{self.strategy!r}."
+            )
         if self.generator is not None and self.score != "random":
             raise ValueError(
                 f"`ContextPruner.generator` is only used by score='random', got score={self.score!r}; "
@@ -216,6 +228,80 @@ class ContextPruner:
             )
         return k
 
+    def prepare(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        loss_fn: LossFn = losses.mse,
+        params: Mapping[str, Tensor] | None = None,
+        chunk_size: int | None = None,
+        vmap_tasks: bool = True,
+    ) -> Selector:
+        """Validate this pruner against a model, a loss and a context once; the selector that
+        the inner loop then calls at every step.
+
+        Checks that ``k >= 1``, the generator's device, the class labels (with
+        ``balance_classes``) and, for ``"gradncp"``, finds the head and runs it on a few
+        points, raising the precise error for a model it cannot score; then chooses how to
+        score (:attr:`strategy`). Nothing of this is repeated by the selector's calls.
+
+        Args:
+            model: the user's module.
+            x: context inputs ``(tasks, points, ...)``.
+            y: context targets ``(tasks, points, ...)``.
+            loss_fn: per-point loss.
+            params: per-task parameters to check against; default, the model's own.
+            chunk_size: score at most this many points per pass when the pruner's own
+                ``chunk_size`` is None (``MetaConfig.chunk_size``).
+            vmap_tasks: allow vectorising over tasks (``MetaConfig.vmap_tasks``).
+
+        Returns:
+            A :class:`Selector`: ``selector(params, x, y)`` returns the :class:`Pruned`
+            context at ``params``, ``selector.scores(params, x, y)`` the scores.
+
+        Example:
+            >>> import torch, ncp
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+            >>> x, y = torch.rand(2, 40, 2), torch.rand(2, 40, 1)
+            >>> select = ncp.ContextPruner(ratio=0.25).prepare(model, x, y)
+            >>> params = ncp.functional.init_params(model, 2)
+            >>> select(params, x, y).indices.shape, select.head, select.strategy
+            (torch.Size([2, 10]), '2', 'loop')
+        """
+        check_pair(x, y)
+        check_device(model, x, y)
+        if params is None:
+            params = init_params(model, x.shape[0], detach=True)
+        else:
+            check_params(model, params, x.shape[0])
+        k = self.keep(x.shape[1])
+        self._check_generator(x)
+        if self.balance_classes is not None:
+            self._check_labels(y, k, self.balance_classes)
+        with _autocast(x.device, self.score_dtype):
+            how = plan(
+                model,
+                params,
+                x,
+                y,
+                score=self.score,
+                loss_fn=loss_fn,
+                head=self.head,
+                strategy=self.strategy,
+                vmap_tasks=vmap_tasks,
+            )
+        return Selector(
+            pruner=self,
+            model=model,
+            loss_fn=loss_fn,
+            points=x.shape[1],
+            k=k,
+            chunk_size=self.chunk_size if self.chunk_size is not None else chunk_size,
+            plan=how,
+        )
+
     def scores(
         self,
         model: nn.Module,
@@ -225,7 +311,8 @@ class ContextPruner:
         params: Mapping[str, Tensor] | None = None,
         loss_fn: LossFn = losses.mse,
     ) -> Tensor:
-        """Scores ``(tasks, points)`` of every context point, computed without a graph.
+        """Scores ``(tasks, points)`` of every context point, computed without a graph (a
+        one-off :meth:`prepare` and :meth:`Selector.scores`).
 
         Args:
             model: the user's module.
@@ -235,55 +322,25 @@ class ContextPruner:
                 the model's own parameters for every task.
             loss_fn: per-point loss.
         """
-        params = self._boundary(model, x, y, params)
-        if self.score == "gradncp":
-            return self._prepare(model, params, x, y, loss_fn)._scores(model, params, x, y, loss_fn)
-        return self._scores(model, params, x, y, loss_fn)
+        selector = self.prepare(model, x, y, loss_fn=loss_fn, params=params)
+        return selector.scores(_params_or_init(model, params, x), x, y)
 
-    def _boundary(
-        self, model: nn.Module, x: Tensor, y: Tensor, params: Mapping[str, Tensor] | None
-    ) -> Mapping[str, Tensor]:
-        """Validate a public call's inputs; the per-task parameters to score at."""
-        check_pair(x, y)
-        check_device(model, x, y)
-        self._check_context(x, y)
-        if params is None:
-            return init_params(model, x.shape[0], detach=True)
-        check_params(model, params, x.shape[0])
-        return params
-
-    def _prepare(
+    def __call__(
         self,
         model: nn.Module,
-        params: Mapping[str, Tensor],
         x: Tensor,
         y: Tensor,
-        loss_fn: LossFn,
-        chunk_size: int | None = None,
-    ) -> ContextPruner:
-        """Validate against the data once; a copy with the head (and chunk size) fixed.
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        loss_fn: LossFn = losses.mse,
+    ) -> Pruned:
+        """Keep the top-``ratio`` points of each task (a one-off :meth:`prepare` and call).
 
-        The loop bodies (``_select``) then run without checks or head searches.
+        Returns:
+            :class:`Pruned` with the kept ``x``, ``y`` and their ``indices`` ``(tasks, k)``.
         """
-        self._check_context(x, y)
-        pruner = self
-        if self.score == "gradncp":
-            head = self.head
-            if head is None:
-                head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
-                pruner = dataclasses.replace(pruner, head=head)
-            check_head(model, params, x, y, loss_fn=loss_fn, head=head)
-        if pruner.chunk_size is None and chunk_size is not None:
-            pruner = dataclasses.replace(pruner, chunk_size=chunk_size)
-        return pruner
-
-    def _check_context(self, x: Tensor, y: Tensor) -> None:
-        """The context ``(tasks, points, ...)`` suits this pruner: ``k >= 1``, the generator's
-        device, and class labels for ``balance_classes``."""
-        k = self.keep(x.shape[1])
-        self._check_generator(x)
-        if self.balance_classes is not None:
-            self._check_labels(y, k, self.balance_classes)
+        selector = self.prepare(model, x, y, loss_fn=loss_fn, params=params)
+        return selector(_params_or_init(model, params, x), x, y)
 
     def _check_labels(self, y: Tensor, k: int, n: int) -> None:
         if y.dim() != 2 or y.dtype == torch.bool or y.dtype.is_floating_point or y.is_complex():
@@ -306,7 +363,7 @@ class ContextPruner:
                 f"`ContextPruner.ratio`={self.ratio} keeps {k} points per step but the context "
                 f"holds {present} classes, so every step leaves {present - k} of them out; "
                 "raise the ratio.",
-                stacklevel=5,
+                stacklevel=4,
             )
 
     def _check_generator(self, x: Tensor) -> None:
@@ -316,60 +373,69 @@ class ContextPruner:
                 f"{x.device}; create it with torch.Generator(device={str(x.device)!r})."
             )
 
-    def _scores(
-        self,
-        model: nn.Module,
-        params: Mapping[str, Tensor],
-        x: Tensor,
-        y: Tensor,
-        loss_fn: LossFn,
-        vmap_tasks: bool = True,
-    ) -> Tensor:
-        with _autocast(x.device, self.score_dtype):
-            return score_points(
-                model,
+
+def _params_or_init(model: nn.Module, params: Mapping[str, Tensor] | None, x: Tensor) -> Params:
+    return init_params(model, x.shape[0], detach=True) if params is None else dict(params)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A :class:`ContextPruner` prepared for one model, loss and context
+    (:meth:`ContextPruner.prepare`): call it at every inner step.
+
+    ``selector(params, x, y)`` scores the context ``(tasks, points, ...)`` at the per-task
+    ``params`` and returns the kept :class:`Pruned` points; it runs no validation, so pass the
+    context it was prepared for (or one of the same shape and kind).
+
+    Attributes:
+        pruner: the configuration.
+        model: the module it scores.
+        loss_fn: the per-point loss.
+        points: context points per task it was prepared for.
+        k: points kept per task.
+        chunk_size: points per scoring pass (None: all).
+        plan: how the scores are computed (see :attr:`strategy`).
+    """
+
+    pruner: ContextPruner
+    model: nn.Module
+    loss_fn: LossFn
+    points: int
+    k: int
+    chunk_size: int | None
+    plan: ScorePlan
+
+    @property
+    def head(self) -> str | None:
+        """The module whose gradient the GradNCP score measures (None for other scores)."""
+        return self.plan.head
+
+    @property
+    def strategy(self) -> str:
+        """How the scores are computed: ``"loop"`` (closed form, task by task), ``"vmap"``
+        (closed form, all tasks in one pass), ``"exact"`` (per-point head gradients),
+        ``"loss"`` or ``"random"``."""
+        return self.plan.method
+
+    def scores(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Scores ``(tasks, points)`` at ``params``, no graph attached."""
+        with _autocast(x.device, self.pruner.score_dtype):
+            return self.plan(
+                self.model,
                 params,
                 x,
                 y,
-                score=self.score,
-                loss_fn=loss_fn,
-                head=self.head,
+                loss_fn=self.loss_fn,
                 chunk_size=self.chunk_size,
-                generator=self.generator,
-                vmap_tasks=vmap_tasks,
+                generator=self.pruner.generator,
             )
 
-    def _select(
-        self,
-        model: nn.Module,
-        params: Mapping[str, Tensor],
-        x: Tensor,
-        y: Tensor,
-        loss_fn: LossFn,
-        vmap_tasks: bool = True,
-    ) -> Pruned:
-        """Score, take the top ``k`` and gather, with no validation (for loop bodies)."""
-        scores = self._scores(model, params, x, y, loss_fn, vmap_tasks)
-        k = self.keep(x.shape[1])
-        if self.balance_classes is None:
-            idx = top_k_indices(scores, k)
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Pruned:
+        """The kept context at ``params``: ``x`` ``(tasks, k, ...)``, ``y``, ``indices``."""
+        scores = self.scores(params, x, y)
+        classes = self.pruner.balance_classes
+        if classes is None:
+            idx = top_k_indices(scores, self.k)
         else:
-            idx = balanced_top_k_indices(scores, y, k, self.balance_classes)
+            idx = balanced_top_k_indices(scores, y, self.k, classes)
         return Pruned(gather_points(x, idx), gather_points(y, idx), idx)
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        *,
-        params: Mapping[str, Tensor] | None = None,
-        loss_fn: LossFn = losses.mse,
-    ) -> Pruned:
-        """Keep the top-``ratio`` points of each task.
-
-        Returns:
-            :class:`Pruned` with the kept ``x``, ``y`` and their ``indices`` ``(tasks, k)``.
-        """
-        params = self._boundary(model, x, y, params)
-        return self._prepare(model, params, x, y, loss_fn)._select(model, params, x, y, loss_fn)

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Dict, Literal, Mapping, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._inner import detached_leaves, task_gradients, task_losses
 from ._params import per_task_norm
+from .losses import LossFn
 
 MODES: Tuple[str, ...] = ("grad", "loss")
 
@@ -98,3 +100,70 @@ class GradRescaler:
             pruned_loss=pruned_loss,
         )
         return scale_grads(full_grads, f)
+
+    def rescale(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        full_grads: Mapping[str, Tensor],
+        kept_x: Tensor,
+        kept_y: Tensor,
+        *,
+        loss_fn: LossFn,
+        full_loss: Tensor | None = None,
+        x: Tensor | None = None,
+        y: Tensor | None = None,
+        vmap_tasks: bool = True,
+        chunk_size: int | None = None,
+    ) -> Dict[str, Tensor]:
+        """One test-time step's gradients (Eq. 4): ``full_grads``, taken on the full context at
+        ``params``, rescaled task by task to the kept context ``(kept_x, kept_y)``.
+
+        ``mode="grad"`` takes the kept context's gradient (over the entries of
+        ``full_grads``); ``mode="loss"`` its loss, against ``full_loss`` (computed on ``x``,
+        ``y`` when not given). :func:`ncp.adapt` and :mod:`ncp.interop.higher` both step with
+        this; call it from a loop of your own the same way.
+
+        Args:
+            model: the module.
+            params: per-task parameters ``(tasks, *shape)`` the gradients were taken at.
+            full_grads: full-context gradients ``(tasks, *shape)`` by parameter name.
+            kept_x: the kept context inputs ``(tasks, k, ...)`` (a :class:`ncp.Pruned`'s).
+            kept_y: the kept context targets ``(tasks, k, ...)``.
+            loss_fn: per-point loss.
+            full_loss: ``(tasks,)`` full-context loss at ``params`` (``mode="loss"``).
+            x: full context inputs, for ``mode="loss"`` without ``full_loss``.
+            y: full context targets, likewise.
+            vmap_tasks: vectorise over tasks.
+            chunk_size: points per pass for the kept context's gradient or loss.
+        """
+        if self.mode == "grad":
+            with torch.enable_grad():
+                pruned, _ = task_gradients(
+                    model,
+                    detached_leaves(params),
+                    kept_x,
+                    kept_y,
+                    loss_fn,
+                    create_graph=False,
+                    vmap_tasks=vmap_tasks,
+                    names=list(full_grads),
+                    chunk_size=chunk_size,
+                )
+            # The factor is a number per task: no graph through it, whatever full_grads carry.
+            detached = {k: g.detach() for k, g in full_grads.items()}
+            return scale_grads(full_grads, self.factor(full_grads=detached, pruned_grads=pruned))
+        with torch.no_grad():
+            if full_loss is None:
+                if x is None or y is None:
+                    raise ValueError(
+                        "GradRescaler(mode='loss').rescale needs `full_loss`, or the full "
+                        "context `x` and `y` to compute it."
+                    )
+                full_loss = task_losses(
+                    model, params, x, y, loss_fn, vmap_tasks=vmap_tasks, chunk_size=chunk_size
+                )
+            pruned_loss = task_losses(
+                model, params, kept_x, kept_y, loss_fn, vmap_tasks=vmap_tasks, chunk_size=chunk_size
+            )
+        return self(full_grads, full_loss=full_loss, pruned_loss=pruned_loss)

@@ -9,17 +9,18 @@ For a linear head ``z = W phi + b`` the per-point gradient is ``dl/dz phi^T`` fo
 
 ``dl/dz`` comes from autograd through whatever follows the head (an activation, the loss), so
 the same code covers MSE, a sigmoid after the head and cross-entropy. Other head types get the
-exact per-point gradient norm through ``torch.func``.
+exact per-point gradient norm of their parameters. How a model is scored is decided once per
+configuration (:func:`plan`), never retried in the loop.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Literal, Mapping, Tuple
+from dataclasses import dataclass
+from typing import Dict, Literal, Mapping, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from ._params import (
     chunk_slices,
@@ -31,8 +32,8 @@ from ._params import (
     task_forward,
     task_slice,
 )
+from .losses import LossFn
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 Score = Literal["gradncp", "loss", "random"]
 SCORES: Tuple[str, ...] = ("gradncp", "loss", "random")
 
@@ -163,71 +164,36 @@ def _head_io(
     return phi, dz
 
 
-def check_head(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: LossFn,
-    head: str,
-) -> None:
-    """Raise the precise error for a head GradNCP cannot score, from a few points of task 0.
-
-    Run once at the boundary: the vectorised scorer in the loop bodies has no checks.
-    """
-    n = min(x.shape[1], 8)
-    _head_io(
-        model,
-        head,
-        resolve_head(model, head),
-        task_slice(params, 0),
-        x[0, :n].detach(),
-        y[0, :n].detach(),
-        loss_fn,
-    )
-
-
-@contextmanager
-def _saved_tensor_hooks_suspended() -> Iterator[None]:
-    """Pop every saved-tensor hook (a ``MemoryMeter``'s, say) for a ``torch.func`` transform.
-
-    ``torch.func.grad`` refuses to run while such hooks are active. The per-point head
-    gradients below are taken from detached inputs and nothing of them is kept for backward,
-    so no hook has anything to see there; the hooks are pushed back afterwards.
-    """
-    ag = torch._C._autograd
-    popped = []
-    while (top := ag._top_saved_tensors_default_hooks(False)) is not None:
-        popped.append(top)
-        ag._pop_saved_tensors_default_hooks()
-    try:
-        yield
-    finally:
-        for pack, unpack in reversed(popped):
-            ag._push_saved_tensors_default_hooks(pack, unpack)
-
-
 def _exact_head_score(
     module: nn.Module, hparams: Mapping[str, Tensor], phi: Tensor, dz: Tensor
 ) -> Tensor:
-    """Exact per-point norm of ``d l_j / d theta_head`` through ``torch.func`` (any head type)."""
+    """Exact per-point norm of ``d l_j / d theta_head`` for any head type.
 
-    def contracted(hp: Dict[str, Tensor], phi_j: Tensor, g_j: Tensor) -> Tensor:
-        z = functional_call(module, hp, (phi_j.unsqueeze(0),)).squeeze(0)
-        return (z * g_j).sum()
+    Every point gets its own copy of the head's parameters (an ``expand``, no copy), the head
+    runs on all points at once through ``vmap``, and one plain ``autograd.grad`` of
+    ``sum_j z_j . dl/dz_j`` gives each copy the gradient of its own point. No ``torch.func``
+    transform is differentiated, so saved-tensor hooks (``MemoryMeter``) stay active.
+    """
+    n = phi.shape[0]
+    copies = {
+        k: v.detach().unsqueeze(0).expand(n, *v.shape).requires_grad_(True)
+        for k, v in hparams.items()
+    }
 
-    hp = {k: v.detach() for k, v in hparams.items()}
-    with _saved_tensor_hooks_suspended():
-        per_point = vmap(grad(contracted), in_dims=(None, 0, 0))(hp, phi, dz)
+    def one(hp: Dict[str, Tensor], phi_j: Tensor) -> Tensor:
+        return functional_call(module, hp, (phi_j.unsqueeze(0),)).squeeze(0)
+
+    with torch.enable_grad():
+        z = vmap(one)(copies, phi.detach())
+        per_point = torch.autograd.grad((z * dz).sum(), list(copies.values()))
     dtype = torch.promote_types(phi.dtype, torch.float32)
-    sq = sum(g.flatten(1).to(dtype).pow(2).sum(1) for g in per_point.values())
+    sq = sum(g.flatten(1).to(dtype).pow(2).sum(1) for g in per_point)
     assert isinstance(sq, Tensor)
     return sq.sqrt()
 
 
 class _Irregular(Exception):
-    """The vectorised scorer met a model it does not handle; the task loop takes over."""
+    """The vectorised scorer met a model it does not handle (decided once, in ``plan``)."""
 
 
 def _vmapped_linear_scores(
@@ -291,73 +257,147 @@ def _vmapped_linear_scores(
     )
 
 
-def gradncp_scores(
+Strategy = Literal["auto", "loop", "vmap", "exact"]
+STRATEGIES: Tuple[str, ...] = ("auto", "loop", "vmap", "exact")
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """How the points of one model, loss and context are scored, decided once.
+
+    ``method`` is ``"random"``, ``"loss"``, or for the GradNCP score ``"loop"`` (closed form of
+    Eq. 2, task by task), ``"vmap"`` (the closed form for all tasks in one vectorised pass) or
+    ``"exact"`` (the per-point gradient of a head that is not a linear map of 2-D features).
+    """
+
+    score: str
+    method: str
+    head: str | None = None
+    weight: bool = True
+    bias: bool = True
+    vmap_tasks: bool = True
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        *,
+        loss_fn: LossFn,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Scores ``(tasks, points)`` with no graph attached; no checks (see :func:`plan`)."""
+        if self.method == "random":
+            return random_scores(x, generator)
+        if self.method == "loss":
+            return loss_scores(
+                model,
+                params,
+                x,
+                y,
+                loss_fn=loss_fn,
+                chunk_size=chunk_size,
+                vmap_tasks=self.vmap_tasks,
+            )
+        assert self.head is not None
+        module = model.get_submodule(self.head)
+        detached = {k: v.detach() for k, v in params.items()}
+        x, y = x.detach(), y.detach()
+        slices = chunk_slices(x.shape[1], chunk_size)
+        if self.method == "vmap":
+            assert isinstance(module, nn.Linear)
+            parts = [
+                _vmapped_linear_scores(
+                    model,
+                    self.head,
+                    module,
+                    detached,
+                    x[:, sl],
+                    y[:, sl],
+                    loss_fn,
+                    weight=self.weight,
+                    bias=self.bias,
+                )
+                for sl in slices
+            ]
+            return torch.cat(parts, dim=1)
+        rows = []
+        for i in range(x.shape[0]):
+            p_i = task_slice(detached, i)
+            hp = head_params(p_i, self.head)
+            parts = []
+            for sl in slices:
+                phi, dz = _head_io(model, self.head, module, p_i, x[i, sl], y[i, sl], loss_fn)
+                if self.method == "loop":
+                    parts.append(linear_head_score(phi, dz, weight=self.weight, bias=self.bias))
+                else:
+                    parts.append(_exact_head_score(module, hp, phi, dz))
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)
+
+
+def plan(
     model: nn.Module,
     params: Mapping[str, Tensor],
     x: Tensor,
     y: Tensor,
     *,
+    score: str,
     loss_fn: LossFn,
-    head: str,
-    chunk_size: int | None = None,
-    exact: bool = False,
-    vmap_tasks: bool = False,
-) -> Tensor:
-    """GradNCP scores ``(tasks, points)`` for per-task ``params`` (see module docstring).
+    head: str | None = None,
+    strategy: str = "auto",
+    vmap_tasks: bool = True,
+) -> ScorePlan:
+    """Validate the model and loss for ``score`` on a few points and choose how to score.
 
-    With ``vmap_tasks`` and a linear head the closed form runs for all tasks in one vectorised
-    pass (fewer, larger kernels: what a GPU wants); otherwise, or when the model does
-    something the vectorised pass does not handle, a loop over tasks.
+    For ``"gradncp"``: the head is found (or checked) and run once on a few points of task 0,
+    which raises the precise error for a head that cannot be scored; ``strategy="auto"``
+    vectorises the closed form over tasks on accelerators (where one pass saves kernel
+    launches) and loops over tasks on CPU (plain matrix products, measured faster there,
+    docs/benchmarks.md); ``"vmap"`` vectorises on any device; ``"loop"`` never does;
+    ``"exact"`` differentiates the head per point even when it is linear. A model the
+    vectorised pass does not handle (a head applied to 3-D features, say) is found here, once,
+    and scored task by task.
     """
+    if score == "random":
+        return ScorePlan(score, "random")
+    if score == "loss":
+        return ScorePlan(score, "loss", vmap_tasks=vmap_tasks)
+    if head is None:
+        head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
     module = resolve_head(model, head)
+    n = min(x.shape[1], 8)
+    phi, _ = _head_io(
+        model, head, module, task_slice(params, 0), x[0, :n].detach(), y[0, :n].detach(), loss_fn
+    )
     own = dict(module.named_parameters(recurse=False))
-    closed_form = isinstance(module, nn.Linear) and not exact
-    x, y = x.detach(), y.detach()
-    tasks, n = x.shape[:2]
-    if closed_form and vmap_tasks:
+    names = head_params(params, head)
+    weight = "weight" in names
+    bias = own.get("bias") is not None and "bias" in names
+    closed_form = isinstance(module, nn.Linear) and phi.dim() == 2 and strategy != "exact"
+    if not closed_form:
+        return ScorePlan(score, "exact", head, weight, bias)
+    vectorise = strategy == "vmap" or (strategy == "auto" and vmap_tasks and x.device.type != "cpu")
+    if vectorise:
         assert isinstance(module, nn.Linear)
-        names = head_params(params, head)
         detached = {k: v.detach() for k, v in params.items()}
         try:
-            return torch.cat(
-                [
-                    _vmapped_linear_scores(
-                        model,
-                        head,
-                        module,
-                        detached,
-                        x[:, sl],
-                        y[:, sl],
-                        loss_fn,
-                        weight="weight" in names,
-                        bias=own.get("bias") is not None and "bias" in names,
-                    )
-                    for sl in chunk_slices(n, chunk_size)
-                ],
-                dim=1,
+            _vmapped_linear_scores(
+                model,
+                head,
+                module,
+                detached,
+                x[:, :n].detach(),
+                y[:, :n].detach(),
+                loss_fn,
+                weight=weight,
+                bias=bias,
             )
         except _Irregular:
-            pass  # the loop below handles the model or raises the precise error
-    rows = []
-    for i in range(tasks):
-        p_i = task_slice(params, i)
-        hp = head_params(p_i, head)
-        parts = []
-        for sl in chunk_slices(n, chunk_size):
-            phi, dz = _head_io(model, head, module, p_i, x[i, sl], y[i, sl], loss_fn)
-            if closed_form and phi.dim() == 2:
-                parts.append(
-                    linear_head_score(
-                        phi,
-                        dz,
-                        weight="weight" in hp,
-                        bias=own.get("bias") is not None and "bias" in hp,
-                    )
-                )
-            else:
-                parts.append(_exact_head_score(module, hp, phi, dz))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
+            vectorise = False
+    return ScorePlan(score, "vmap" if vectorise else "loop", head, weight, bias)
 
 
 def loss_scores(
@@ -398,9 +438,12 @@ def score_points(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     vmap_tasks: bool = True,
-    exact: bool = False,
+    strategy: str = "auto",
 ) -> Tensor:
     """Score every context point of every task; higher means more worth keeping.
+
+    A one-off call: it validates and plans (:func:`plan`) every time. Loops should use
+    :meth:`ncp.ContextPruner.prepare`, which plans once.
 
     Args:
         model: the user's module.
@@ -412,31 +455,23 @@ def score_points(
         head: module name of the last layer for ``"gradncp"``; found automatically when None.
         chunk_size: score at most this many points per forward pass.
         generator: random source for ``"random"``.
-        vmap_tasks: vectorise over tasks with ``torch.func.vmap``: the loss score, and on
-            non-CPU devices the closed-form GradNCP score of a linear head.
-        exact: for ``"gradncp"``, skip the closed form and differentiate the head per point.
+        vmap_tasks: vectorise the loss score over tasks with ``torch.func.vmap``, and allow
+            ``strategy="auto"`` to vectorise the GradNCP score on accelerators.
+        strategy: how the GradNCP score is computed: ``"auto"``, ``"loop"``, ``"vmap"`` or
+            ``"exact"`` (see :attr:`ncp.ContextPruner.strategy`).
 
     Returns:
         ``(tasks, points)`` scores, no graph attached.
     """
-    if score == "random":
-        return random_scores(x, generator)
-    if score == "loss":
-        return loss_scores(
-            model, params, x, y, loss_fn=loss_fn, chunk_size=chunk_size, vmap_tasks=vmap_tasks
-        )
-    if head is None:
-        head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
-    return gradncp_scores(
+    how = plan(
         model,
         params,
         x,
         y,
+        score=score,
         loss_fn=loss_fn,
         head=head,
-        chunk_size=chunk_size,
-        exact=exact,
-        # One vectorised pass saves kernel launches on accelerators; on CPU the loop over
-        # tasks runs plain matrix products and was faster (docs/benchmarks.md).
-        vmap_tasks=vmap_tasks and x.device.type != "cpu",
+        strategy=strategy,
+        vmap_tasks=vmap_tasks,
     )
+    return how(model, params, x, y, loss_fn=loss_fn, chunk_size=chunk_size, generator=generator)

@@ -7,7 +7,8 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from ._params import model_device_dtype
+from ._params import Params, model_device_dtype, task_forward
+from .losses import LossFn
 
 
 def check_pair(x: object, y: object, names: Tuple[str, str] = ("x", "y")) -> None:
@@ -64,3 +65,25 @@ def check_finite(losses: Tensor, what: str) -> None:
             f"(value {losses[step, task].item()}). Lower `inner_lr`, check the targets for "
             "NaNs, or clip the model's outputs."
         )
+
+
+def check_loss_fn(
+    model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, vmap_tasks: bool
+) -> None:
+    """Run ``loss_fn`` once on a few points of ``(tasks, points, ...)`` inputs: it must
+    accept the model's ``(tasks, points, ...)`` output and return per-point losses."""
+    n = min(x.shape[1], 8)
+    with torch.no_grad():
+        pred = task_forward(model, params, x[:, :n], vmap_tasks=vmap_tasks)
+        try:
+            out = loss_fn(pred, y[:, :n])
+        except (RuntimeError, IndexError) as e:
+            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            raise ValueError(
+                f"`loss_fn` ({name}) failed on predictions of shape {tuple(pred.shape)} and "
+                f"targets of shape {tuple(y[:, :n].shape)}: {e} ncp calls loss_fn(pred, target) "
+                "on (tasks, points, ...) tensors and needs (tasks, points) losses back; "
+                "torch.nn.functional losses expect (N, C) inputs, so use "
+                "ncp.losses.cross_entropy for class labels or ncp.losses.mse for regression."
+            ) from e
+    check_point_losses(out, x.shape[0], n)

@@ -6,10 +6,15 @@ shape ``(tasks, points)``. Any function with that contract works; these two cove
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["cross_entropy", "mse"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""A per-point loss: ``loss_fn(pred, target) -> (tasks, points)``."""
 
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:

@@ -90,8 +90,8 @@ def test_pruner_keeps_every_class_in_meta_step_and_adapt():
     out = ncp.meta_step(model, (x, y), cfg, loss_fn=ncp.losses.cross_entropy)
     for step in range(3):
         assert per_class(out.kept_indices[step], y, 5).eq(5).all()
-    for kwargs in (dict(prune=True), dict(rescaler=ncp.GradRescaler())):
-        adapted = ncp.adapt(model, x, y, cfg, steps=2, loss_fn=ncp.losses.cross_entropy, **kwargs)
+    for mode in ("pruned", "rescaled"):
+        adapted = ncp.adapt(model, x, y, cfg, steps=2, loss_fn=ncp.losses.cross_entropy, mode=mode)
         for step in range(2):
             assert per_class(adapted.kept_indices[step], y, 5).eq(5).all()
 

@@ -53,17 +53,17 @@ def test_chunked_adapt_equals_unchunked(mode):
     model = _models.mlp().double()
     x, y = data()
     cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25))
-    a = ncp.adapt(model, x, y, cfg, steps=3, rescaler=ncp.GradRescaler(mode=mode))
+    a = ncp.adapt(model, x, y, cfg, steps=3, mode=ncp.GradRescaler(mode=mode))
     b = ncp.adapt(
         model,
         x,
         y,
         dataclasses.replace(cfg, chunk_size=4),
         steps=3,
-        rescaler=ncp.GradRescaler(mode=mode),
+        mode=ncp.GradRescaler(mode=mode),
     )
-    for k in a:
-        assert_close(b[k], a[k], **F64)
+    for k in a.params:
+        assert_close(b.params[k], a.params[k], **F64)
     assert_close(b.losses, a.losses, **F64)
 
 

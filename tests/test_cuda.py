@@ -7,7 +7,6 @@ import torch
 from torch.testing import assert_close
 
 import ncp
-from ncp._scoring import gradncp_scores
 from tests import _models
 
 pytestmark = pytest.mark.cuda
@@ -42,7 +41,7 @@ def test_adapt_and_random_scores_on_cuda():
     x, y = _data("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(score="random", generator=gen))
-    params = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler())
+    params = ncp.adapt(model, x, y, cfg, steps=2, mode="rescaled").params
     assert ncp.forward(model, params, x).device.type == "cuda"
 
 
@@ -62,7 +61,9 @@ def test_vectorised_gradncp_scores_on_cuda_equal_the_task_loop():
     x, y = _data("cuda")
     params = ncp.functional.init_params(model, x.shape[0], detach=True)
     head = ncp.functional.find_head(model, {k: v[0] for k, v in params.items()}, x[0, :8])
-    loop = gradncp_scores(model, params, x, y, loss_fn=ncp.losses.mse, head=head, vmap_tasks=False)
+    loop = ncp.functional.score_points(
+        model, params, x, y, loss_fn=ncp.losses.mse, head=head, strategy="loop"
+    )
     # on CUDA score_points takes the vectorised path
     got = ncp.functional.score_points(model, params, x, y, loss_fn=ncp.losses.mse, head=head)
     assert got.device.type == "cuda"

@@ -111,7 +111,7 @@ def _balanced_grads(meta_model, model, x, y) -> Dict[str, torch.Tensor]:
 
 
 def _adapt(model, x, y):
-    return dict(ncp.adapt(model, x, y, CFG, steps=2, rescaler=ncp.GradRescaler()))
+    return dict(ncp.adapt(model, x, y, CFG, steps=2, mode="rescaled").params)
 
 
 def _page_model() -> torch.nn.Module:

@@ -203,7 +203,7 @@ def test_any_model_and_no_hidden_state(name):
     before = _snapshot(model)
     cfg = ncp.MetaConfig(inner_steps=3)
     out = ncp.meta_step(model, (x, y), cfg, loss_fn=loss_fn)
-    params = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler())
+    params = ncp.adapt(model, x, y, cfg, steps=2, mode="rescaled").params
     after = _snapshot(model)
     for k, v in before[0].items():
         assert torch.equal(v, after[0][k]), k
@@ -259,7 +259,7 @@ def test_follows_input_dtype():
     out = ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=2))
     assert out.loss.dtype == torch.float64
     assert out.params["0.weight"].dtype == torch.float64
-    params = ncp.adapt(model, x, y, ncp.MetaConfig(), steps=1, rescaler=ncp.GradRescaler())
+    params = ncp.adapt(model, x, y, ncp.MetaConfig(), steps=1, mode="rescaled").params
     assert params["0.weight"].dtype == torch.float64
 
 
@@ -269,7 +269,7 @@ def test_follows_input_dtype():
 def test_adapt_without_rescaler_is_plain_full_context_sgd():
     model = seeded(_models.mlp)
     x, y = data()
-    params = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=3, lr=0.2)
+    params = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=3, lr=0.2).params
     ref = _reference.meta_step(
         model, x, y, x, y, loss_fn=ncp.losses.mse, steps=3, lr=0.2, first_order=True
     )
@@ -283,7 +283,7 @@ def test_adapt_with_grad_rescaler_matches_equation_4():
     model = seeded(_models.mlp)
     x, y = data(points=20)
     cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25))
-    params = ncp.adapt(model, x, y, cfg, steps=2, lr=0.1, rescaler=ncp.GradRescaler())
+    params = ncp.adapt(model, x, y, cfg, steps=2, lr=0.1, mode="rescaled").params
     names = [n for n, _ in model.named_parameters()]
     for t in range(x.shape[0]):
         p = {n: v.detach().clone() for n, v in model.named_parameters()}
@@ -311,9 +311,9 @@ def test_adapt_loss_mode_and_prune_mode_run_and_differ():
     model = seeded(_models.mlp)
     x, y = data()
     cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25))
-    a = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler(mode="loss"))
-    b = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler(mode="grad"))
-    c = ncp.adapt(model, x, y, cfg, steps=2, prune=True)
+    a = ncp.adapt(model, x, y, cfg, steps=2, mode=ncp.GradRescaler(mode="loss")).params
+    b = ncp.adapt(model, x, y, cfg, steps=2, mode=ncp.GradRescaler(mode="grad")).params
+    c = ncp.adapt(model, x, y, cfg, steps=2, mode="pruned").params
     assert not torch.allclose(a["0.weight"], b["0.weight"])
     assert not torch.allclose(b["0.weight"], c["0.weight"])
 
@@ -322,9 +322,11 @@ def test_adapt_continues_from_given_params():
     model = seeded(_models.mlp)
     x, y = data()
     cfg = ncp.MetaConfig(pruner=None)
-    two = ncp.adapt(model, x, y, cfg, steps=2)
-    one = ncp.adapt(model, x, y, cfg, steps=1)
-    assert_close(ncp.adapt(model, x, y, cfg, steps=1, params=one)["0.weight"], two["0.weight"])
+    two = ncp.adapt(model, x, y, cfg, steps=2).params
+    one = ncp.adapt(model, x, y, cfg, steps=1).params
+    assert_close(
+        ncp.adapt(model, x, y, cfg, steps=1, params=one).params["0.weight"], two["0.weight"]
+    )
 
 
 def test_meta_learned_init_beats_random_after_adaptation():
@@ -348,7 +350,7 @@ def test_meta_learned_init_beats_random_after_adaptation():
     xt, yt = tasks(16, 99)
 
     def test_loss():
-        p = ncp.adapt(model, xt, yt, cfg, steps=4, rescaler=ncp.GradRescaler())
+        p = ncp.adapt(model, xt, yt, cfg, steps=4, mode="rescaled").params
         return ncp.losses.mse(ncp.forward(model, p, xt), yt).mean().item()
 
     before = test_loss()
@@ -365,22 +367,22 @@ def test_adapt_records_losses_and_kept_indices():
     model = seeded(_models.mlp)
     x, y = data(points=20)
     cfg = ncp.MetaConfig(inner_steps=3, inner_lr=0.4, pruner=ncp.ContextPruner(ratio=0.25))
-    pruned = ncp.adapt(model, x, y, cfg, prune=True)
-    assert isinstance(pruned, dict) and pruned.losses.shape == (3, 3)
+    pruned = ncp.adapt(model, x, y, cfg, mode="pruned")
+    assert isinstance(pruned, ncp.AdaptResult) and pruned.losses.shape == (3, 3)
     assert pruned.kept_indices is not None and pruned.kept_indices.shape == (3, 3, 5)
     # the pruned test-time trajectory is meta_step's inner loop without the graph
     out = ncp.meta_step(model, (x, y), dataclasses.replace(cfg, first_order=True, bootstrap=None))
     assert torch.equal(pruned.kept_indices, out.kept_indices)
     assert_close(pruned.losses, out.inner_losses, **F64)
     for n, v in out.params.items():
-        assert_close(pruned[n], v.detach(), **F64)
+        assert_close(pruned.params[n], v.detach(), **F64)
     plain = ncp.adapt(model, x, y, cfg, steps=2)
     assert plain.kept_indices is None and plain.losses.shape == (2, 3)
-    rescaled = ncp.adapt(model, x, y, cfg, steps=2, rescaler=ncp.GradRescaler())
+    rescaled = ncp.adapt(model, x, y, cfg, steps=2, mode="rescaled")
     assert rescaled.kept_indices is not None and rescaled.kept_indices.shape == (2, 3, 5)
     # full-context losses: the first one is the loss of the initialisation on every point
     with torch.no_grad():
-        first = ncp.losses.mse(ncp.forward(model, ncp.adapt(model, x, y, cfg, steps=0), x), y).mean(
-            1
-        )
+        first = ncp.losses.mse(
+            ncp.forward(model, ncp.adapt(model, x, y, cfg, steps=0).params, x), y
+        ).mean(1)
     assert_close(plain.losses[0], first, **F64)

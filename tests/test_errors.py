@@ -84,7 +84,7 @@ def test_diverging_inner_loop():
 
 def test_params_dict_mismatch():
     model, x, y = model_and_data()
-    params = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=1)
+    params = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=1).params
     bad = dict(params)
     bad.pop("0.bias")
     with pytest.raises(ValueError, match=r"missing \['0.bias'\]"):
@@ -95,7 +95,7 @@ def test_params_dict_mismatch():
     with pytest.raises(ValueError, match=r"`params\['0.weight'\]` must have shape \(1, 16, 2\)"):
         ncp.forward(model, params, x[:1])
     with pytest.raises(ValueError, match=r"`params` does not match"):
-        ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), params={"w": torch.zeros(1)})
+        ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), params={"w": torch.zeros(1)}).params
 
 
 def test_unused_parameter():
@@ -166,10 +166,10 @@ def test_wrong_cfg_type_and_adapt_arguments():
     with pytest.raises(TypeError, match=r"`cfg` must be an ncp.MetaConfig, got dict"):
         ncp.meta_step(model, (x, y), {"inner_steps": 2})  # type: ignore[arg-type]
     no_pruner = ncp.MetaConfig(pruner=None)
-    with pytest.raises(ValueError, match=r"need `cfg.pruner`"):
-        ncp.adapt(model, x, y, no_pruner, rescaler=ncp.GradRescaler())
-    with pytest.raises(ValueError, match=r"pass one of them"):
-        ncp.adapt(model, x, y, CFG, rescaler=ncp.GradRescaler(), prune=True)
+    with pytest.raises(ValueError, match=r"needs `cfg.pruner`"):
+        ncp.adapt(model, x, y, no_pruner, mode="rescaled")
+    with pytest.raises(ValueError, match=r"`mode` must be 'full', 'pruned', 'rescaled' or an"):
+        ncp.adapt(model, x, y, CFG, mode="prune")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`steps` must be an int >= 0, got -1"):
         ncp.adapt(model, x, y, CFG, steps=-1)
     with pytest.raises(ValueError, match=r"`lr` must be a number > 0, got 0"):
@@ -200,9 +200,9 @@ def test_adapt_under_inference_mode_is_refused_but_no_grad_works():
         torch.inference_mode(),
         pytest.raises(RuntimeError, match=r"wrap the call in torch.no_grad"),
     ):
-        ncp.adapt(model, x, y, cfg, rescaler=ncp.GradRescaler())
+        ncp.adapt(model, x, y, cfg, mode="rescaled").params
     with torch.no_grad():
-        quiet = ncp.adapt(model, x, y, cfg, rescaler=ncp.GradRescaler())
-    loud = ncp.adapt(model, x, y, cfg, rescaler=ncp.GradRescaler())
+        quiet = ncp.adapt(model, x, y, cfg, mode="rescaled").params
+    loud = ncp.adapt(model, x, y, cfg, mode="rescaled").params
     for name, value in loud.items():
         torch.testing.assert_close(quiet[name], value)

@@ -170,8 +170,8 @@ def test_rescale_callback_reproduces_adapt(mode, copy_initial_weights, name):
     cfg = ncp.MetaConfig(inner_lr=0.5, pruner=ncp.ContextPruner(ratio=0.25))
     model = seeded(factory)
     rescaler = ncp.GradRescaler(mode=mode)
-    want = ncp.adapt(model, x, y, cfg, steps=3, rescaler=rescaler)
-    plain = ncp.adapt(model, x, y, cfg, steps=3)
+    want = ncp.adapt(model, x, y, cfg, steps=3, mode=rescaler).params
+    plain = ncp.adapt(model, x, y, cfg, steps=3).params
 
     inner_opt = torch.optim.SGD(model.parameters(), lr=cfg.inner_lr)
     for t, (xi, yi) in enumerate(zip(x, y, strict=True)):
@@ -352,5 +352,5 @@ def test_docs_page_diff_gives_meta_step_gradients_and_test_time_gives_adapt():
     x_test, y_test = page_batch(2, tasks=2)
     ns.update(x_test=x_test, y_test=y_test)
     exec(blocks["higher-test-time"], ns)
-    adapted = ncp.adapt(ns["model"], x_test, y_test, cfg, steps=16, rescaler=ncp.GradRescaler())
+    adapted = ncp.adapt(ns["model"], x_test, y_test, cfg, steps=16, mode="rescaled").params
     assert_close(torch.stack(ns["preds"]), ncp.forward(ns["model"], adapted, x_test), **tol)

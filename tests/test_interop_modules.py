@@ -300,7 +300,7 @@ def test_pruner_on_a_clone_scores_its_current_tensors(impl, score):
     pruner = ncp.ContextPruner(ratio=0.25, score=score)
     kept = pruner(learner, x, y)
     # The same two steps through ncp, on the original model.
-    adapted = ncp.adapt(model, x, y, ncp.MetaConfig(inner_lr=0.1, pruner=None), steps=2)
+    adapted = ncp.adapt(model, x, y, ncp.MetaConfig(inner_lr=0.1, pruner=None), steps=2).params
     assert_close(pruner.scores(learner, x, y), pruner.scores(model, x, y, params=adapted))
     expected = pruner(model, x, y, params=adapted)
     assert torch.equal(kept.indices.sort(-1).values, expected.indices.sort(-1).values)
@@ -744,13 +744,14 @@ def test_adapt_only_with_functional_model_names():
 def test_adapt_with_adapt_only_moves_only_the_subset(rescale):
     model, (x, y) = _siren(18), _data(18)
     cfg = ncp.MetaConfig(inner_lr=0.1, adapt_only=("modulations",), pruner=ncp.ContextPruner())
-    adapted = ncp.adapt(model, x, y, cfg, steps=3, rescaler=ncp.GradRescaler() if rescale else None)
+    result = ncp.adapt(model, x, y, cfg, steps=3, mode="rescaled" if rescale else "full")
+    adapted = result.params
     for name, p in model.named_parameters():
         if name != "modulations":
             assert torch.equal(adapted[name], p.detach().expand_as(adapted[name])), name
     assert adapted["modulations"].shape == (3, 16)
     if rescale:
-        assert adapted.kept_indices is not None
+        assert result.kept_indices is not None
         return
     # plain full-context SGD on the modulations only, by hand
     for i in range(3):
@@ -761,7 +762,7 @@ def test_adapt_with_adapt_only_moves_only_the_subset(rescale):
             (g,) = torch.autograd.grad(loss, m)
             params["modulations"] = (m - 0.1 * g).detach()
         assert_close(adapted["modulations"][i], params["modulations"])
-    assert adapted.losses[0, 0] > adapted.losses[-1, 0]
+    assert result.losses[0, 0] > result.losses[-1, 0]
 
 
 def test_adapt_only_errors_name_the_entries_and_the_trainable_parameters():
@@ -775,7 +776,7 @@ def test_adapt_only_errors_name_the_entries_and_the_trainable_parameters():
     ):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(adapt_only=("modulations", "latents")))
     with pytest.raises(ValueError, match=r"entries \['latents'\] match no trainable"):
-        ncp.adapt(model, x, y, ncp.MetaConfig(adapt_only=("latents",)))
+        ncp.adapt(model, x, y, ncp.MetaConfig(adapt_only=("latents",))).params
     # a frozen parameter is not adaptable: it is shared by all tasks
     model.modulations.requires_grad_(False)
     with pytest.raises(ValueError, match=r"entries \['modulations'\] match no trainable"):

@@ -71,7 +71,7 @@ def test_adapt_uses_detached_learned_rates():
     model, x, y = setup()
     lr = ncp.LearnedLR(model, steps=2, per_parameter=True).double()
     randomise(lr)
-    got = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=2, learned_lr=lr)
+    got = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=2, learned_lr=lr).params
     ref = _reference.meta_step(
         model, x, y, x, y, loss_fn=ncp.losses.mse, steps=2, lr=lr.rate, first_order=True
     )
@@ -91,7 +91,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"rates for 2 steps but cfg.inner_steps=3"):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=3), learned_lr=short)
     with pytest.raises(ValueError, match=r"either `lr` or `learned_lr`"):
-        ncp.adapt(model, x, y, ncp.MetaConfig(), lr=0.1, learned_lr=short)
+        ncp.adapt(model, x, y, ncp.MetaConfig(), lr=0.1, learned_lr=short).params
     other = ncp.LearnedLR(torch.nn.Linear(2, 1), steps=3, per_parameter=True)
     with pytest.raises(ValueError, match=r"`learned_lr` has no rates for parameters \['0.bias'"):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=3), learned_lr=other)

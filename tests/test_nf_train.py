@@ -147,7 +147,7 @@ def test_pruning_steps_record_k_steps_of_kept_points():
     x, y = torch.rand(2, 40, 2), torch.rand(2, 40, 3)
     kept, preds = figures.pruning_steps(model, cfg, x, y)
     assert kept.shape == (3, 2, 10) and len(preds) == 4
-    whole = ncp.adapt(model, x, y, cfg, prune=True)
+    whole = ncp.adapt(model, x, y, cfg, mode="pruned")
     torch.testing.assert_close(kept, whole.kept_indices)
     torch.testing.assert_close(preds[-1], ncp.forward(model, whole, x))
     with pytest.raises(ValueError, match="no pruner"):

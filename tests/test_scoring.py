@@ -87,7 +87,7 @@ def test_closed_form_equals_exact_for_cross_entropy(shape):
 def test_exact_path_equals_closed_form(shape):
     model, x, y, _ = make(shape)
     mse = ncp.losses.mse
-    assert_close(closed(model, x, y, mse, exact=True), closed(model, x, y, mse))
+    assert_close(closed(model, x, y, mse, strategy="exact"), closed(model, x, y, mse))
 
 
 @given(shapes, st.integers(1, 5))

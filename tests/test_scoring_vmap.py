@@ -1,7 +1,7 @@
 """The vectorised closed-form GradNCP score (used on accelerators) against exact autograd.
 
-On CPU ``score_points`` keeps the loop over tasks, so these tests call ``gradncp_scores`` with
-``vmap_tasks=True`` directly to exercise the path that a GPU takes.
+On CPU ``strategy="auto"`` keeps the loop over tasks, so these tests ask for
+``strategy="vmap"`` to exercise the path that a GPU takes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import ncp
-from ncp._scoring import _Irregular, _vmapped_linear_scores, gradncp_scores
+from ncp.functional import score_points
 from ncp.functional import init_params
 from tests import _models
 from tests.test_scoring import exact, make, shapes
@@ -22,7 +22,7 @@ from tests.test_scoring import exact, make, shapes
 
 def vectorised(model, x, y, loss_fn, head, **kw):
     params = init_params(model, x.shape[0], detach=True)
-    return gradncp_scores(model, params, x, y, loss_fn=loss_fn, head=head, vmap_tasks=True, **kw)
+    return score_points(model, params, x, y, loss_fn=loss_fn, head=head, strategy="vmap", **kw)
 
 
 @given(shapes, st.sampled_from(["linear", "sigmoid", "nobias"]), st.none() | st.integers(1, 5))
@@ -50,8 +50,8 @@ def test_vectorised_scores_follow_per_task_params():
     x, y = torch.randn(3, 9, 2, dtype=torch.float64), torch.rand(3, 9, 3, dtype=torch.float64)
     params = {k: v + 0.1 * torch.randn_like(v) for k, v in init_params(model, 3).items()}
     params = {k: v.detach() for k, v in params.items()}
-    loop = gradncp_scores(model, params, x, y, loss_fn=ncp.losses.mse, head="4")
-    vec = gradncp_scores(model, params, x, y, loss_fn=ncp.losses.mse, head="4", vmap_tasks=True)
+    loop = score_points(model, params, x, y, loss_fn=ncp.losses.mse, head="4", strategy="loop")
+    vec = score_points(model, params, x, y, loss_fn=ncp.losses.mse, head="4", strategy="vmap")
     assert_close(vec, loop)
     assert not torch.equal(vec[0], vec[1])
 
@@ -72,11 +72,8 @@ def test_irregular_head_input_falls_back_to_the_exact_loop():
     torch.manual_seed(0)
     model = PointsOfPatches().double()
     x, y = torch.randn(2, 5, 2, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
-    params = init_params(model, 2, detach=True)
-    with pytest.raises(_Irregular):
-        _vmapped_linear_scores(
-            model, "head", model.head, params, x, y, ncp.losses.mse, weight=True, bias=True
-        )
+    select = ncp.ContextPruner(strategy="vmap").prepare(model, x, y)
+    assert select.strategy == "exact"  # decided once, when prepared
     got = vectorised(model, x, y, ncp.losses.mse, "head")
     assert_close(got, exact(model, x, y, ncp.losses.mse, ["head.weight", "head.bias"]))
 
@@ -97,7 +94,7 @@ def test_vectorised_scores_work_under_memory_meter_and_int_inputs():
     emb = nn.Sequential(nn.Embedding(10, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x = torch.randint(0, 10, (2, 7))
     y = torch.rand(2, 7, 3, dtype=torch.float64)
-    loop = gradncp_scores(
+    loop = score_points(
         emb, init_params(emb, 2, detach=True), x, y, loss_fn=ncp.losses.mse, head="2"
     )
     with ncp.MemoryMeter() as meter:  # saved-tensor hooks active

@@ -34,12 +34,11 @@ except ImportError as err:
 
 from .. import losses
 from .._bootstrap import BootstrapMetaLoss
-from .._inner import detached_leaves, task_gradients, task_losses
-from .._params import Params, adapted_names, check_norm_layers, task_forward, trainable_names
-from .._pruning import ContextPruner, Pruned
-from .._rescaling import GradRescaler, scale_grads
-from .._scoring import LossFn
-from .._validation import check_device, check_point_losses
+from .._params import Params, adapted_names, check_norm_layers, trainable_names
+from .._pruning import ContextPruner, Pruned, Selector
+from .._rescaling import GradRescaler
+from .._validation import check_device, check_loss_fn
+from ..losses import LossFn
 
 __all__ = ["bootstrap_loss", "fast_params", "prune", "rescale_callback"]
 
@@ -111,14 +110,6 @@ def _check_task(model: nn.Module, x: object, y: object) -> None:
     check_norm_layers(model)
 
 
-def _check_loss_fn(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn) -> None:
-    """Run ``loss_fn`` once on a few points to check that it returns per-point losses."""
-    n = min(x.shape[0], 8)
-    with torch.no_grad():
-        out = loss_fn(task_forward(model, params, x[None, :n], vmap_tasks=False), y[None, :n])
-    check_point_losses(out, 1, n)
-
-
 def _adapted(model: nn.Module, adapt_only: Sequence[str] | None) -> List[str]:
     if adapt_only is None:
         return trainable_names(model)
@@ -149,11 +140,32 @@ def _one_task(params: Dict[str, Tensor]) -> Params:
     return {k: v.unsqueeze(0) for k, v in params.items()}
 
 
-def _select(
-    model: nn.Module, params: Params, x: Tensor, y: Tensor, pruner: ContextPruner, loss_fn: LossFn
-) -> Pruned:
-    """Top-k points of the task at ``params`` (one task, detached)."""
-    kept = pruner._select(model, params, x[None], y[None], loss_fn, vmap_tasks=False)
+def _prepared(
+    model: nn.Module, params: Params, x: Tensor, y: Tensor, pruner: object, loss_fn: LossFn
+) -> Selector:
+    """A selector for one task ``(points, ...)``: ``pruner`` prepared once here, or a
+    :class:`ncp.Selector` the caller prepared for this model and context size."""
+    if isinstance(pruner, Selector):
+        if pruner.model is not model:
+            raise ValueError(
+                "`pruner` is a Selector prepared for another model; prepare it with "
+                "pruner.prepare(model, x[None], y[None], ...) for the `model` given here."
+            )
+        if pruner.points != x.shape[0]:
+            raise ValueError(
+                f"`pruner` is a Selector prepared for {pruner.points} context points but `x` "
+                f"holds {x.shape[0]}; prepare it for this context."
+            )
+        return pruner
+    _check_type(pruner, ContextPruner, "pruner")
+    assert isinstance(pruner, ContextPruner)
+    check_loss_fn(model, params, x[None], y[None], loss_fn, vmap_tasks=False)
+    return pruner.prepare(model, x[None], y[None], loss_fn=loss_fn, params=params, vmap_tasks=False)
+
+
+def _kept(selector: Selector, params: Params, x: Tensor, y: Tensor) -> Pruned:
+    """The kept points of one task at ``params``, without the task dimension."""
+    kept = selector(params, x[None], y[None])
     return Pruned(kept.x[0], kept.y[0], kept.indices[0])
 
 
@@ -192,7 +204,7 @@ def prune(
     fmodel: nn.Module,
     x: Tensor,
     y: Tensor,
-    pruner: ContextPruner,
+    pruner: ContextPruner | Selector,
     *,
     loss_fn: LossFn = losses.mse,
 ) -> Pruned:
@@ -206,8 +218,12 @@ def prune(
         fmodel: the patched module it yields, at the current inner step.
         x: the task's context inputs ``(points, ...)``.
         y: the task's context targets ``(points, ...)``.
-        pruner: the pruning rule (ratio and score).
-        loss_fn: per-point loss, as in :func:`ncp.meta_step`.
+        pruner: the pruning rule (ratio and score), validated and planned at every call; or
+            a :class:`ncp.Selector` prepared once for this model and context,
+            ``pruner.prepare(model, x[None], y[None], loss_fn=...)``, which skips that work
+            at every step of the loop (the validation costs about a forward pass).
+        loss_fn: per-point loss, as in :func:`ncp.meta_step` (unused with a Selector, which
+            has its own).
 
     Returns:
         :class:`ncp.Pruned` for this one task: ``x`` ``(k, ...)``, ``y`` ``(k, ...)`` and
@@ -232,12 +248,9 @@ def prune(
     References:
         Tack et al., NeurIPS 2023, Sec. 2.2 and Algorithm 1.
     """
-    _check_type(pruner, ContextPruner, "pruner")
     _check_task(model, x, y)
     params = {k: v.detach() for k, v in fast_params(model, fmodel).items()}
-    pruner._check_context(x[None], y[None])
-    _check_loss_fn(model, params, x, y, loss_fn)
-    return _select(model, params, x, y, pruner, loss_fn)
+    return _kept(_prepared(model, params, x, y, pruner, loss_fn), params, x, y)
 
 
 def bootstrap_loss(
@@ -295,7 +308,7 @@ def bootstrap_loss(
     _check_task(model, x, y)
     names = _adapted(model, adapt_only)
     params = fast_params(model, fmodel)
-    _check_loss_fn(model, params, x, y, loss_fn)
+    check_loss_fn(model, params, x[None], y[None], loss_fn, vmap_tasks=False)
     term, target = bootstrap(
         model, params, x[None], y[None], loss_fn=loss_fn, vmap_tasks=False, names=names
     )
@@ -307,7 +320,7 @@ def rescale_callback(
     fmodel: nn.Module,
     x: Tensor,
     y: Tensor,
-    pruner: ContextPruner,
+    pruner: ContextPruner | Selector,
     *,
     rescaler: GradRescaler | None = None,
     loss_fn: LossFn = losses.mse,
@@ -330,7 +343,8 @@ def rescale_callback(
         fmodel: the patched module it yields.
         x: the task's full context inputs ``(points, ...)``.
         y: the task's full context targets ``(points, ...)``.
-        pruner: the pruning rule used in meta-training.
+        pruner: the pruning rule used in meta-training, or a :class:`ncp.Selector` prepared
+            for this model and context (see :func:`prune`).
         rescaler: the rescaling rule; None means ``ncp.GradRescaler()`` (Eq. 4).
         loss_fn: per-point loss, as in :func:`ncp.adapt`.
         adapt_only: names (or module prefixes) of the parameters the inner optimizer adapts;
@@ -360,15 +374,13 @@ def rescale_callback(
     References:
         Tack et al., NeurIPS 2023, Sec. 2.4 (Eq. 4), Sec. 3.4 and Algorithm 2.
     """
-    _check_type(pruner, ContextPruner, "pruner")
     rescaler = GradRescaler() if rescaler is None else rescaler
     _check_type(rescaler, GradRescaler, "rescaler")
     _check_task(model, x, y)
     adapted = set(_adapted(model, adapt_only))
     names = [name for name, _ in model.named_parameters()]
     start = {k: v.detach() for k, v in fast_params(model, fmodel).items()}
-    pruner._check_context(x[None], y[None])
-    _check_loss_fn(model, start, x, y, loss_fn)
+    selector = _prepared(model, start, x, y, pruner, loss_fn)
 
     def callback(grads: Sequence[Tensor | None]) -> List[Tensor | None]:
         out = list(grads)
@@ -385,32 +397,18 @@ def rescale_callback(
             return out
         full = {names[i]: out[i].unsqueeze(0) for i in used}  # type: ignore[union-attr]
         current = {k: v.detach() for k, v in fast_params(model, fmodel).items()}
-        with torch.enable_grad():
-            kept = _select(model, current, x, y, pruner, loss_fn)
-            if rescaler.mode == "grad":
-                pruned, _ = task_gradients(
-                    model,
-                    detached_leaves(current),
-                    kept.x[None],
-                    kept.y[None],
-                    loss_fn,
-                    create_graph=False,
-                    vmap_tasks=False,
-                    names=list(full),
-                )
-                factor = rescaler.factor(
-                    full_grads={k: g.detach() for k, g in full.items()}, pruned_grads=pruned
-                )
-            else:
-                with torch.no_grad():
-                    full_loss = task_losses(
-                        model, current, x[None], y[None], loss_fn, vmap_tasks=False
-                    )
-                    pruned_loss = task_losses(
-                        model, current, kept.x[None], kept.y[None], loss_fn, vmap_tasks=False
-                    )
-                factor = rescaler.factor(full_loss=full_loss, pruned_loss=pruned_loss)
-        scaled = scale_grads(full, factor)
+        kept = selector(current, x[None], y[None])
+        scaled = rescaler.rescale(
+            model,
+            current,
+            full,
+            kept.x,
+            kept.y,
+            loss_fn=selector.loss_fn,
+            x=x[None],
+            y=y[None],
+            vmap_tasks=False,
+        )
         for i in used:
             out[i] = scaled[names[i]][0]
         return out
