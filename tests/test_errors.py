@@ -95,7 +95,7 @@ def test_params_dict_mismatch():
     with pytest.raises(ValueError, match=r"`params\['0.weight'\]` must have shape \(1, 16, 2\)"):
         ncp.forward(model, params, x[:1])
     with pytest.raises(ValueError, match=r"`params` does not match"):
-        ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), params={"w": torch.zeros(1)}).params
+        ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), params={"w": torch.zeros(1)})
 
 
 def test_unused_parameter():
@@ -200,7 +200,7 @@ def test_adapt_under_inference_mode_is_refused_but_no_grad_works():
         torch.inference_mode(),
         pytest.raises(RuntimeError, match=r"wrap the call in torch.no_grad"),
     ):
-        ncp.adapt(model, x, y, cfg, mode="rescaled").params
+        ncp.adapt(model, x, y, cfg, mode="rescaled")
     with torch.no_grad():
         quiet = ncp.adapt(model, x, y, cfg, mode="rescaled").params
     loud = ncp.adapt(model, x, y, cfg, mode="rescaled").params

@@ -776,7 +776,7 @@ def test_adapt_only_errors_name_the_entries_and_the_trainable_parameters():
     ):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(adapt_only=("modulations", "latents")))
     with pytest.raises(ValueError, match=r"entries \['latents'\] match no trainable"):
-        ncp.adapt(model, x, y, ncp.MetaConfig(adapt_only=("latents",))).params
+        ncp.adapt(model, x, y, ncp.MetaConfig(adapt_only=("latents",)))
     # a frozen parameter is not adaptable: it is shared by all tasks
     model.modulations.requires_grad_(False)
     with pytest.raises(ValueError, match=r"entries \['modulations'\] match no trainable"):

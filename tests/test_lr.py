@@ -91,7 +91,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"rates for 2 steps but cfg.inner_steps=3"):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=3), learned_lr=short)
     with pytest.raises(ValueError, match=r"either `lr` or `learned_lr`"):
-        ncp.adapt(model, x, y, ncp.MetaConfig(), lr=0.1, learned_lr=short).params
+        ncp.adapt(model, x, y, ncp.MetaConfig(), lr=0.1, learned_lr=short)
     other = ncp.LearnedLR(torch.nn.Linear(2, 1), steps=3, per_parameter=True)
     with pytest.raises(ValueError, match=r"`learned_lr` has no rates for parameters \['0.bias'"):
         ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=3), learned_lr=other)

@@ -14,8 +14,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import ncp
-from ncp.functional import score_points
-from ncp.functional import init_params
+from ncp.functional import init_params, score_points
 from tests import _models
 from tests.test_scoring import exact, make, shapes
 
