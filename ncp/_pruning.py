@@ -276,7 +276,13 @@ class ContextPruner:
             params = init_params(model, x.shape[0], detach=True)
         else:
             check_params(model, params, x.shape[0])
-        k = self.keep(x.shape[1])
+        try:
+            k = self.keep(x.shape[1])
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (`x` has shape {tuple(x.shape)}, read as (tasks, points, ...): for one "
+                "task's points pass x.unsqueeze(0) and y.unsqueeze(0).)"
+            ) from None
         self._check_generator(x)
         if self.balance_classes is not None:
             self._check_labels(y, k, self.balance_classes)

@@ -27,7 +27,8 @@ def check_pair(x: object, y: object, names: Tuple[str, str] = ("x", "y")) -> Non
     if x.shape[:2] != y.shape[:2]:
         raise ValueError(
             f"`{nx}` and `{ny}` must share their leading (tasks, points) dimensions, got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}."
+            f"{tuple(x.shape)} and {tuple(y.shape)}. For one task's points, add the task "
+            f"dimension: {nx}.unsqueeze(0), {ny}.unsqueeze(0)."
         )
     if x.shape[1] == 0:
         raise ValueError(f"`{nx}` has no points: shape {tuple(x.shape)}.")

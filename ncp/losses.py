@@ -32,6 +32,12 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
         >>> ncp.losses.mse(torch.zeros(2, 3, 1), torch.ones(2, 3, 1)).shape
         torch.Size([2, 3])
     """
+    if pred.shape != target.shape and not target.is_floating_point() and pred.dim() == 3:
+        raise ValueError(
+            f"`ncp.losses.mse` got integer targets of shape {tuple(target.shape)} for "
+            f"predictions of shape {tuple(pred.shape)}: these look like class labels; pass "
+            "loss_fn=ncp.losses.cross_entropy (or MetaConfig(loss_fn=ncp.losses.cross_entropy))."
+        )
     if pred.shape != target.shape:
         raise ValueError(
             f"`ncp.losses.mse` needs pred and target of the same shape, got {tuple(pred.shape)} "

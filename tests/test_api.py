@@ -1,0 +1,183 @@
+"""The 0.2 seams: a pruner prepared once (Selector), one rescaling step, adapt's modes, the
+loss in the config, and the messages of a new user's wrong turns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import ncp
+from tests import _models
+
+F64 = dict(rtol=1e-6, atol=1e-8)
+
+
+def data(tasks=2, points=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(tasks, points, 2, generator=g, dtype=torch.float64) * 2 - 1
+    return x, torch.sin(3 * x[..., :1]) + 0.1 * torch.rand(tasks, points, 1, generator=g)
+
+
+def model64(factory=_models.mlp):
+    torch.manual_seed(0)
+    return factory().double()
+
+
+def test_selector_plans_once_and_selects_like_the_pruner():
+    model, (x, y) = model64(), data()
+    pruner = ncp.ContextPruner(ratio=0.25)
+    select = pruner.prepare(model, x, y)
+    assert (select.k, select.points, select.head, select.strategy) == (6, 24, "4", "loop")
+    params = ncp.functional.init_params(model, 2)
+    moved = {k: v + 0.05 for k, v in params.items()}
+    for p in (params, moved):
+        got, want = select(p, x, y), pruner(model, x, y, params=p)
+        assert torch.equal(got.indices.sort(1).values, want.indices.sort(1).values)
+        assert_close(select.scores(p, x, y), pruner.scores(model, x, y, params=p))
+
+
+@pytest.mark.parametrize(
+    "pruner, strategy",
+    [
+        (ncp.ContextPruner(score="loss"), "loss"),
+        (ncp.ContextPruner(score="random"), "random"),
+        (ncp.ContextPruner(strategy="exact"), "exact"),
+        (ncp.ContextPruner(strategy="vmap"), "vmap"),
+    ],
+)
+def test_strategy_is_decided_when_prepared(pruner, strategy):
+    model, (x, y) = model64(), data()
+    assert pruner.prepare(model, x, y).strategy == strategy
+
+
+def test_conv_head_is_planned_exact():
+    model = model64(_models.ConvHead)
+    x, y = torch.randn(2, 7, 2, dtype=torch.float64), torch.rand(2, 7, 3, dtype=torch.float64)
+    assert ncp.ContextPruner().prepare(model, x, y).strategy == "exact"
+
+
+def test_hand_written_loop_with_the_blocks_equals_meta_step():
+    """Only public names: the pruner prepared once, the functional inner step, the bootstrap."""
+    model, (x, y) = model64(), data()
+    pruner = ncp.ContextPruner(ratio=0.25)
+    boot = ncp.BootstrapMetaLoss(steps=2, lr=0.05, weight=10.0)
+    cfg = ncp.MetaConfig(inner_steps=3, inner_lr=0.1, pruner=pruner, bootstrap=boot)
+    out = ncp.meta_step(model, (x, y), cfg)
+    want = torch.autograd.grad(out.loss, list(model.parameters()))
+
+    params = ncp.functional.init_params(model, x.shape[0])
+    select = pruner.prepare(model, x, y)
+    for _ in range(3):
+        kept = select(params, x, y)
+        grads, _ = ncp.functional.task_gradients(
+            model, params, kept.x, kept.y, ncp.losses.mse, create_graph=True
+        )
+        params = ncp.functional.sgd_update(params, grads, 0.1)
+    term, _ = boot(model, params, x, y)
+    query = ncp.functional.task_losses(model, params, x, y, ncp.losses.mse)
+    got = torch.autograd.grad((query + term).mean(), list(model.parameters()))
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("mode", ["grad", "loss"])
+def test_rescale_is_the_step_adapt_takes(mode):
+    model, (x, y) = model64(), data()
+    cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25), inner_lr=0.1)
+    rescaler = ncp.GradRescaler(mode=mode)
+    got = ncp.adapt(model, x, y, cfg, steps=1, mode=rescaler)
+    params = ncp.functional.init_params(model, 2, detach=True)
+    kept = cfg.pruner.prepare(model, x, y)(params, x, y)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    full, loss = ncp.functional.task_gradients(
+        model, leaves, x, y, ncp.losses.mse, create_graph=False
+    )
+    step = rescaler.rescale(model, params, full, kept.x, kept.y, loss_fn=ncp.losses.mse, x=x, y=y)
+    for name in params:
+        assert_close(got.params[name], params[name] - 0.1 * step[name], **F64)
+    assert torch.equal(got.kept_indices[0], kept.indices)
+    assert not torch.allclose(step["4.bias"], full["4.bias"])
+
+
+def test_adapt_modes_differ_and_rescaled_default_is_grad_mode():
+    model, (x, y) = model64(), data()
+    cfg = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25), inner_lr=0.1)
+    runs = {
+        m: ncp.adapt(model, x, y, cfg, steps=2, mode=m).params
+        for m in ("full", "pruned", "rescaled")
+    }
+    explicit = ncp.adapt(model, x, y, cfg, steps=2, mode=ncp.GradRescaler(mode="grad")).params
+    assert_close(runs["rescaled"]["0.weight"], explicit["0.weight"], **F64)
+    assert not torch.allclose(runs["full"]["0.weight"], runs["pruned"]["0.weight"])
+    assert not torch.allclose(runs["full"]["0.weight"], runs["rescaled"]["0.weight"])
+
+
+def test_loss_fn_in_the_config_is_used_by_meta_step_and_adapt():
+    torch.manual_seed(0)
+    model = _models.mlp(d_out=3).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 12), generator=g)
+    base = ncp.MetaConfig(inner_steps=2, pruner=ncp.ContextPruner(ratio=0.5), bootstrap=None)
+    cfg = dataclasses.replace(base, loss_fn=ncp.losses.cross_entropy)
+    a = ncp.meta_step(model, (x, y), cfg).loss
+    b = ncp.meta_step(model, (x, y), base, loss_fn=ncp.losses.cross_entropy).loss
+    assert_close(a, b, **F64)
+    got = ncp.adapt(model, x, y, cfg, steps=2, mode="rescaled").params
+    want = ncp.adapt(model, x, y, base, steps=2, mode="rescaled", loss_fn=ncp.losses.cross_entropy)
+    assert_close(got["0.weight"], want.params["0.weight"], **F64)
+
+
+def test_config_shows_its_default_values():
+    text = repr(ncp.MetaConfig())
+    assert "pruner=ContextPruner(ratio=0.25" in text and "<factory>" not in text
+    with pytest.raises(TypeError, match=r"`MetaConfig.loss_fn` must be a per-point loss"):
+        ncp.MetaConfig(loss_fn="mse")  # type: ignore[arg-type]
+
+
+def test_integer_labels_with_the_default_mse_point_to_cross_entropy():
+    torch.manual_seed(0)
+    model = _models.mlp(d_out=3)
+    x, y = torch.randn(2, 12, 2), torch.randint(0, 3, (2, 12))
+    with pytest.raises(ValueError, match=r"look like class labels; pass loss_fn=ncp.losses.cross"):
+        ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=1, pruner=None, bootstrap=None))
+
+
+def test_torch_functional_loss_gets_ncp_explanation():
+    torch.manual_seed(0)
+    model = _models.mlp(d_out=5)
+    x, y = torch.randn(2, 8, 2), torch.randint(0, 5, (2, 8))
+    cfg = ncp.MetaConfig(inner_steps=1, pruner=None, bootstrap=None, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match=r"`loss_fn` \(cross_entropy\) failed .* use ncp.losses"):
+        ncp.meta_step(model, (x, y), cfg)
+
+
+def test_missing_task_dimension_is_named_in_the_pruner_error():
+    model = _models.mlp(d_out=2)
+    x, y = torch.rand(40, 2), torch.rand(40, 2)  # one task's points, no task dimension
+    with pytest.raises(ValueError, match=r"keeps 0 of 2 context points.*x.unsqueeze\(0\)"):
+        ncp.ContextPruner(ratio=0.25)(model, x, y)
+    with pytest.raises(ValueError, match=r"add the task dimension: x.unsqueeze\(0\)"):
+        ncp.ContextPruner(ratio=0.25)(model, x, y[:, :1])
+
+
+def test_higher_prune_accepts_a_prepared_selector():
+    higher = pytest.importorskip("higher")
+    from ncp.interop.higher import prune
+
+    model, (x, y) = model64(), data(tasks=1)
+    pruner = ncp.ContextPruner(ratio=0.25)
+    select = pruner.prepare(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, _):
+        a = prune(model, fmodel, x[0], y[0], select)
+        b = prune(model, fmodel, x[0], y[0], pruner)
+        assert torch.equal(a.indices.sort().values, b.indices.sort().values)
+        with pytest.raises(ValueError, match=r"prepared for 24 context points but `x` holds 12"):
+            prune(model, fmodel, x[0, :12], y[0, :12], select)
+        with pytest.raises(ValueError, match=r"prepared for another model"):
+            prune(model, fmodel, x[0], y[0], pruner.prepare(model64(), x, y))
