@@ -20,6 +20,8 @@ from ._driver import forward as forward
 from ._driver import meta_step as meta_step
 from ._lr import LearnedLR as LearnedLR
 from ._memory import MemoryMeter as MemoryMeter
+from ._planning import MemoryPlan as MemoryPlan
+from ._planning import plan_memory as plan_memory
 from ._pruning import ContextPruner as ContextPruner
 from ._pruning import Pruned as Pruned
 from ._pruning import Selector as Selector
@@ -37,6 +39,7 @@ __all__ = [
     "GradRescaler",
     "LearnedLR",
     "MemoryMeter",
+    "MemoryPlan",
     "MetaConfig",
     "MetaStepResult",
     "Pruned",
@@ -46,4 +49,5 @@ __all__ = [
     "functional",
     "losses",
     "meta_step",
+    "plan_memory",
 ]

@@ -13,6 +13,7 @@ from ._inner import task_gradients as task_gradients
 from ._inner import task_losses as task_losses
 from ._params import init_params as init_params
 from ._params import per_task_norm as per_task_norm
+from ._planning import saved_bytes as saved_bytes
 from ._pruning import balanced_top_k_indices as balanced_top_k_indices
 from ._pruning import gather_points as gather_points
 from ._pruning import keep_count as keep_count
@@ -34,6 +35,7 @@ __all__ = [
     "parameter_distance",
     "per_task_norm",
     "safe_ratio",
+    "saved_bytes",
     "scale_grads",
     "score_points",
     "sgd_update",

@@ -93,9 +93,7 @@ def test_rescale_is_the_step_adapt_takes(mode):
     params = ncp.functional.init_params(model, 2, detach=True)
     kept = cfg.pruner.prepare(model, x, y)(params, x, y)
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    full, loss = ncp.functional.task_gradients(
-        model, leaves, x, y, ncp.losses.mse, create_graph=False
-    )
+    full, _ = ncp.functional.task_gradients(model, leaves, x, y, ncp.losses.mse, create_graph=False)
     step = rescaler.rescale(model, params, full, kept.x, kept.y, loss_fn=ncp.losses.mse, x=x, y=y)
     for name in params:
         assert_close(got.params[name], params[name] - 0.1 * step[name], **F64)
@@ -181,3 +179,44 @@ def test_higher_prune_accepts_a_prepared_selector():
             prune(model, fmodel, x[0, :12], y[0, :12], select)
         with pytest.raises(ValueError, match=r"prepared for another model"):
             prune(model, fmodel, x[0], y[0], pruner.prepare(model64(), x, y))
+
+
+def test_plan_memory_finds_the_longest_horizon_within_maml_memory():
+    torch.manual_seed(0)
+    model = _models.mlp(hidden=32)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.rand(2, 256, 2, generator=g), torch.rand(2, 256, 1, generator=g))
+    maml = ncp.MetaConfig(inner_steps=2, pruner=None, bootstrap=None)
+    gradncp = ncp.MetaConfig(pruner=ncp.ContextPruner(ratio=0.25), bootstrap=None)
+    plan = ncp.plan_memory(model, batch, gradncp, budget=maml, max_steps=40)
+    k = plan.cfg.inner_steps
+    assert plan.budget == ncp.functional.saved_bytes(model, batch, maml)
+    assert plan.saved_bytes <= plan.budget
+    longer = dataclasses.replace(gradncp, inner_steps=k + 1)
+    assert ncp.functional.saved_bytes(model, batch, longer) > plan.budget
+    assert 6 <= k <= 10  # about MAML's K / ratio = 8
+    assert all(p.grad is None for p in model.parameters())  # nothing written on the model
+
+
+def test_plan_memory_largest_ratio_and_errors():
+    torch.manual_seed(0)
+    model = _models.mlp(hidden=32)
+    batch = (torch.rand(1, 200, 2), torch.rand(1, 200, 1))
+    cfg = ncp.MetaConfig(inner_steps=4, pruner=ncp.ContextPruner(ratio=0.5), bootstrap=None)
+    full = ncp.functional.saved_bytes(model, batch, dataclasses.replace(cfg, pruner=None))
+    plan = ncp.plan_memory(model, batch, cfg, budget=full // 2, vary="ratio")
+    kept = ncp.functional.keep_count(plan.cfg.pruner.ratio, 200)
+    assert (
+        plan.saved_bytes
+        <= full // 2
+        < ncp.functional.saved_bytes(
+            model, batch, dataclasses.replace(cfg, pruner=ncp.ContextPruner(ratio=(kept + 1) / 200))
+        )
+    )
+    assert 60 <= kept <= 110
+    with pytest.raises(ValueError, match=r"nothing fits the budget of 10 bytes"):
+        ncp.plan_memory(model, batch, cfg, budget=10)
+    with pytest.raises(ValueError, match=r"`budget`='device' reads the free memory"):
+        ncp.plan_memory(model, batch, cfg, budget="device")
+    with pytest.raises(ValueError, match=r"`budget` must be a number of bytes"):
+        ncp.plan_memory(model, batch, cfg, budget=-3)
