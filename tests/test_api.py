@@ -220,3 +220,19 @@ def test_plan_memory_largest_ratio_and_errors():
         ncp.plan_memory(model, batch, cfg, budget="device")
     with pytest.raises(ValueError, match=r"`budget` must be a number of bytes"):
         ncp.plan_memory(model, batch, cfg, budget=-3)
+
+
+def test_quickstart_blocks_loop_reaches_the_meta_step_gradient():
+    from tests._docpages import named_blocks, page_batch, page_model
+
+    code = named_blocks("quickstart.md")["quickstart-blocks"]
+    model = page_model().double()
+    x, y = (t.double() for t in page_batch(3))
+    ns = {"ncp": ncp, "model": model, "x": x, "y": y}
+    exec(code, ns)
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    cfg = ncp.MetaConfig(inner_steps=16, inner_lr=1e-2)  # the paper's defaults, as the page
+    ncp.meta_step(model, (x, y), cfg).loss.backward()
+    for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
+        assert_close(a, b, **F64)
