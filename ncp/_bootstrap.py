@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import losses
 from ._inner import first_order_steps
-from ._params import Params
+from ._params import Params, check_chunk_size
 from .losses import LossFn
 
 
@@ -95,15 +95,7 @@ class BootstrapMetaLoss:
             raise ValueError(f"`BootstrapMetaLoss.weight` must be >= 0, got {self.weight!r}.")
         if not isinstance(self.squared, bool):
             raise TypeError(f"`BootstrapMetaLoss.squared` must be a bool, got {self.squared!r}.")
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
-            or self.chunk_size < 1
-        ):
-            raise ValueError(
-                "`BootstrapMetaLoss.chunk_size` must be a positive int or None, got "
-                f"{self.chunk_size!r}."
-            )
+        check_chunk_size(self.chunk_size, "BootstrapMetaLoss")
 
     def target(
         self,

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from . import losses
 from ._bootstrap import BootstrapMetaLoss
+from ._params import check_chunk_size
 from ._pruning import ContextPruner
 from .losses import LossFn
 
@@ -79,14 +80,7 @@ class MetaConfig:
             raise TypeError(
                 f"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got {type(self.pruner).__name__}."
             )
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
-            or self.chunk_size < 1
-        ):
-            raise ValueError(
-                f"`MetaConfig.chunk_size` must be a positive int or None, got {self.chunk_size!r}."
-            )
+        check_chunk_size(self.chunk_size, "MetaConfig")
         if self.adapt_only is not None:
             names = self.adapt_only
             if (

@@ -21,6 +21,7 @@ from ._params import (
     init_params,
     task_forward,
 )
+from ._pruning import Selector
 from ._rescaling import GradRescaler
 from ._validation import check_device, check_finite, check_loss_fn, check_pair
 from .losses import LossFn
@@ -123,6 +124,23 @@ def _check_learned_lr(
     return learned_lr
 
 
+def _selector(
+    cfg: MetaConfig, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, params: Params
+) -> Selector | None:
+    """``cfg.pruner`` prepared for this model, loss and context (None without a pruner)."""
+    if cfg.pruner is None:
+        return None
+    return cfg.pruner.prepare(
+        model,
+        x,
+        y,
+        loss_fn=loss_fn,
+        params=params,
+        chunk_size=cfg.chunk_size,
+        vmap_tasks=cfg.vmap_tasks,
+    )
+
+
 def _step_lr(
     inner_lr: float,
     learned_lr: LearnedLR | None,
@@ -203,19 +221,7 @@ def meta_step(
     tasks = cx.shape[0]
     params = init_params(model, tasks, wrap=wrap)
     check_loss_fn(model, params, cx, cy, loss_fn, cfg.vmap_tasks)
-    select = (
-        None
-        if cfg.pruner is None
-        else cfg.pruner.prepare(
-            model,
-            cx,
-            cy,
-            loss_fn=loss_fn,
-            params=params,
-            chunk_size=cfg.chunk_size,
-            vmap_tasks=cfg.vmap_tasks,
-        )
-    )
+    select = _selector(cfg, model, cx, cy, loss_fn, params)
 
     inner, kept = [], []
     for step in range(cfg.inner_steps):
@@ -379,18 +385,7 @@ def adapt(
         check_params(model, params, tasks)
         current = {k: v.detach() for k, v in params.items()}
     check_loss_fn(model, current, x, y, loss_fn, cfg.vmap_tasks)
-    select = None
-    if mode != "full":
-        assert cfg.pruner is not None
-        select = cfg.pruner.prepare(
-            model,
-            x,
-            y,
-            loss_fn=loss_fn,
-            params=current,
-            chunk_size=cfg.chunk_size,
-            vmap_tasks=cfg.vmap_tasks,
-        )
+    select = None if mode == "full" else _selector(cfg, model, x, y, loss_fn, current)
     history, kept = [], []
     for step in range(steps):
         with torch.enable_grad():

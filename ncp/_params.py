@@ -111,6 +111,12 @@ def task_forward(
     return torch.stack(outs)
 
 
+def check_chunk_size(value: object, owner: str) -> None:
+    """``value`` is None or a positive int (``owner`` names the field in the error)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{owner}.chunk_size` must be a positive int or None, got {value!r}.")
+
+
 def chunk_slices(points: int, chunk_size: int | None) -> List[slice]:
     """Consecutive slices of at most ``chunk_size`` points (one slice when None)."""
     size = points if chunk_size is None else chunk_size

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from ._params import Params, check_params, init_params
+from ._params import Params, check_chunk_size, check_params, init_params
 from ._scoring import SCORES, STRATEGIES, Score, ScorePlan, Strategy, plan
 from ._validation import check_device, check_pair
 from .losses import LossFn
@@ -173,14 +173,7 @@ class ContextPruner:
             raise ValueError(
                 f"`ContextPruner.score` must be one of {list(SCORES)}, got {self.score!r}."
             )
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
-            or self.chunk_size < 1
-        ):
-            raise ValueError(
-                f"`ContextPruner.chunk_size` must be a positive int or None, got {self.chunk_size!r}."
-            )
+        check_chunk_size(self.chunk_size, "ContextPruner")
         if self.head is not None and not isinstance(self.head, str):
             raise TypeError(
                 f"`ContextPruner.head` must be a module name (str) such as 'net.4', got {self.head!r}."
