@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from examples.neural_fields.models import Siren as Siren  # noqa: E402
+from tests._models import siren as Siren  # noqa: E402, F401  (benchmarks depend on ncp and tests)
 
 MB = 1e6
 GB = 1e9

@@ -6,7 +6,7 @@ thread by default), after one warm-up step, measured three ways:
 1. **phases** (``cProfile``, one step): the cumulative time of the functions that make up
    ``ncp.meta_step`` plus ``loss.backward()``, split by caller where a function serves two
    phases (``task_gradients`` runs both the inner steps and the bootstrap's target steps):
-   scoring (``ContextPruner._select``, K calls; also split into the forward pass, the
+   scoring (``Selector.__call__``, K calls; also split into the forward pass, the
    ``dl/dz`` autograd call and the closed form), inner steps, bootstrap target and distance,
    query loss, the rest of ``meta_step`` (validation, set-up), and ``backward``. cProfile adds
    overhead to every Python call; the profiled and unprofiled step times are both printed;
@@ -72,8 +72,8 @@ def phases(model: torch.nn.Module, batch: Any, cfg: ncp.MetaConfig) -> Dict[str,
 
     step = cumulative(st, META_STEP)
     parts = {
-        "scoring (K calls of ContextPruner._select)": cumulative(
-            st, ("ncp/_pruning.py", "_select"), META_STEP
+        "scoring (K calls of Selector.__call__)": cumulative(
+            st, ("ncp/_pruning.py", "__call__"), META_STEP
         ),
         "inner steps (task_gradients + sgd_update)": cumulative(
             st, ("ncp/_inner.py", "task_gradients"), META_STEP
@@ -94,7 +94,7 @@ def phases(model: torch.nn.Module, batch: Any, cfg: ncp.MetaConfig) -> Dict[str,
             st, ("torch/autograd/__init__.py", "grad"), head_io
         ),
         "closed form (linear_head_score)": cumulative(
-            st, ("ncp/_scoring.py", "linear_head_score"), ("ncp/_scoring.py", "gradncp_scores")
+            st, ("ncp/_scoring.py", "linear_head_score"), ("ncp/_scoring.py", "__call__")
         ),
         "top-k and gather": cumulative(st, ("ncp/_pruning.py", "top_k_indices"))
         + cumulative(st, ("ncp/_pruning.py", "gather_points")),
@@ -182,7 +182,7 @@ def report(res: Mapping[str, Any]) -> str:
         lines.append(f"  {name:<46}{sec:>8.3f} s{sec / total:>8.1%}")
     lines.append(f"  {'total':<46}{total:>8.3f} s")
     lines += ["", "inside scoring:"]
-    scoring = p["phases"]["scoring (K calls of ContextPruner._select)"]
+    scoring = p["phases"]["scoring (K calls of Selector.__call__)"]
     for name, sec in p["scoring"].items():
         lines.append(f"  {name:<46}{sec:>8.3f} s{sec / scoring:>8.1%} of scoring")
     lines += ["", "operators by self CPU time (torch.profiler, one step):", res["operators"]]

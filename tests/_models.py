@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -91,3 +93,34 @@ class HeadCalledTwice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(self.lin(x))
+
+
+class _Sine(nn.Module):
+    def __init__(self, w0: float) -> None:
+        super().__init__()
+        self.w0 = w0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.w0 * x)
+
+
+def siren(
+    in_features: int = 2,
+    out_features: int = 3,
+    hidden: int = 256,
+    layers: int = 5,
+    w0: float = 30.0,
+) -> nn.Sequential:
+    """A SIREN field network for tests and benchmarks: ``layers`` linear layers (sine after all
+    but the last), SIREN's uniform initialisation (first layer ``1/in``, the rest
+    ``sqrt(6/in)/w0``). The paper's images use 5 x 256."""
+    sizes = [in_features] + [hidden] * (layers - 1) + [out_features]
+    modules: list = []
+    for i in range(layers):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        bound = 1.0 / sizes[i] if i == 0 else math.sqrt(6.0 / sizes[i]) / w0
+        nn.init.uniform_(linear.weight, -bound, bound)
+        modules.append(linear)
+        if i < layers - 1:
+            modules.append(_Sine(w0))
+    return nn.Sequential(*modules)

@@ -12,12 +12,12 @@ import torch
 from torch.testing import assert_close
 
 import ncp
-from examples.neural_fields.models import Siren
+from tests import _models
 
 
 def setup(device="cpu"):
     torch.manual_seed(0)
-    model = Siren(hidden=64, layers=4).to(device)
+    model = _models.siren(hidden=64, layers=4).to(device)
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(2, 256, 2, generator=g) * 2 - 1).to(device)
     y = torch.rand(2, 256, 3, generator=g).to(device)

@@ -9,7 +9,6 @@ import torch
 from torch.testing import assert_close
 
 import ncp
-from examples.neural_fields.models import Siren
 from tests import _models
 
 F64 = dict(rtol=1e-9, atol=1e-12)
@@ -71,7 +70,7 @@ def test_chunking_bounds_the_query_pass_memory():
     """With few kept points, the full-context query pass dominates the saved bytes; checkpointed
     chunks keep only their inputs."""
     torch.manual_seed(0)
-    model = Siren(hidden=64, layers=4)
+    model = _models.siren(hidden=64, layers=4)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 4096, 2, generator=g) * 2 - 1
     y = torch.rand(2, 4096, 3, generator=g)

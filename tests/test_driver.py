@@ -179,9 +179,7 @@ MODELS = {
 
 
 def _siren():
-    from examples.neural_fields.models import Siren
-
-    return Siren(hidden=32, layers=3)
+    return _models.siren(hidden=32, layers=3)
 
 
 def _snapshot(model):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ncp
-from examples.neural_fields.models import Siren
+from tests import _models
 
 F32 = 4  # bytes per float32 element
 
@@ -181,10 +181,10 @@ def smooth_images(resolution: int, tasks: int, seed: int = 0) -> tuple[torch.Ten
     return coords.expand(tasks, -1, -1).contiguous(), y.contiguous()
 
 
-def siren(**kwargs: int) -> Siren:
+def siren(**kwargs: int) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return Siren(**kwargs)
+        return _models.siren(**kwargs)
 
 
 def measure(
