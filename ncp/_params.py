@@ -144,8 +144,12 @@ def check_norm_layers(model: nn.Module) -> None:
             raise ValueError(
                 f"module '{name}' ({type(module).__name__}) tracks running statistics in "
                 "training mode; the inner loop would overwrite them with per-task batches. "
-                f"Build it with {type(module).__name__}(..., track_running_stats=False) "
-                "(transductive batch norm, as in MAML), use nn.GroupNorm, or call model.eval()."
+                f"Build it with {type(module).__name__}(..., track_running_stats=False): in "
+                "training mode the forward pass is unchanged (it already normalises with the "
+                "batch's statistics; transductive batch norm, as in MAML), only the running "
+                "averages are no longer kept. Or use nn.GroupNorm. model.eval() would also be "
+                "accepted but changes what the model computes (stored statistics instead of "
+                "the batch's)."
             )
 
 

@@ -81,7 +81,8 @@ def gather_points(t: Tensor, indices: Tensor) -> Tensor:
 
 class Pruned(NamedTuple):
     """The kept context: ``x`` ``(tasks, k, ...)``, ``y`` ``(tasks, k, ...)``, ``indices``
-    ``(tasks, k)`` into the full context."""
+    ``(tasks, k)`` into the full context. :func:`ncp.interop.higher.prune` works on one task
+    and returns them without the task dimension: ``(k, ...)`` and ``(k,)``."""
 
     x: Tensor
     y: Tensor

@@ -354,3 +354,44 @@ def test_docs_page_diff_gives_meta_step_gradients_and_test_time_gives_adapt():
     exec(blocks["higher-test-time"], ns)
     adapted = ncp.adapt(ns["model"], x_test, y_test, cfg, steps=16, mode="rescaled").params
     assert_close(torch.stack(ns["preds"]), ncp.forward(ns["model"], adapted, x_test), **tol)
+
+
+def test_docs_classification_block_equals_meta_step_with_balanced_pruning():
+    """The page's maml-omniglot-style loop: Conv4 with batch norm that keeps no running
+    statistics, cross-entropy, class-balanced pruning with a selector prepared per task."""
+    code = named_blocks("interop_higher.md")["higher-classification"]
+    g = torch.Generator().manual_seed(0)
+    ways, shots, tasks = 3, 4, 2
+    xs = torch.randn(tasks, ways * shots, 1, 8, 8, generator=g, dtype=torch.float64)
+    ys = torch.stack([torch.randperm(ways * shots, generator=g) % ways for _ in range(tasks)])
+    xq = torch.randn(tasks, ways * 2, 1, 8, 8, generator=g, dtype=torch.float64)
+    yq = torch.arange(ways).repeat(2).expand(tasks, -1)
+
+    def conv4():
+        torch.manual_seed(0)
+        return _models.Conv4(classes=ways, norm="bn").double()
+
+    model = conv4()
+    ns = {
+        "ncp": ncp,
+        "ncp_higher": importlib.import_module("ncp.interop.higher"),
+        "higher": higher,
+        "F": F,
+        "model": model,
+        "ways": ways,
+        "episodes": [(xs, ys, xq, yq)],
+        "meta_opt": torch.optim.SGD(model.parameters(), lr=0.0),
+        "inner_opt": torch.optim.SGD(model.parameters(), lr=1e-2),
+    }
+    exec(code, ns)
+    got = [p.grad for p in model.parameters()]
+    ref = conv4()
+    cfg = ncp.MetaConfig(
+        inner_steps=8,
+        pruner=ns["pruner"],
+        bootstrap=None,
+        loss_fn=ncp.losses.cross_entropy,
+    )
+    ncp.meta_step(ref, (xs, ys, xq, yq), cfg).loss.backward()
+    for a, b in zip(got, [p.grad for p in ref.parameters()], strict=True):
+        assert_close(a, b, rtol=1e-6, atol=1e-9)
