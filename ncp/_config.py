@@ -7,7 +7,7 @@ from typing import Sequence
 
 from . import losses
 from ._bootstrap import BootstrapMetaLoss
-from ._params import check_chunk_size
+from ._params import as_adapt_only, check_chunk_size
 from ._pruning import ContextPruner
 from .losses import LossFn
 
@@ -81,19 +81,7 @@ class MetaConfig:
                 f"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got {type(self.pruner).__name__}."
             )
         check_chunk_size(self.chunk_size, "MetaConfig")
-        if self.adapt_only is not None:
-            names = self.adapt_only
-            if (
-                isinstance(names, str)
-                or not isinstance(names, (tuple, list))
-                or not names
-                or not all(isinstance(a, str) for a in names)
-            ):
-                raise TypeError(
-                    "`MetaConfig.adapt_only` must be a non-empty tuple of parameter or module "
-                    f"names, e.g. ('modulations',), got {names!r}."
-                )
-            object.__setattr__(self, "adapt_only", tuple(names))
+        object.__setattr__(self, "adapt_only", as_adapt_only(self.adapt_only))
         if not callable(self.loss_fn):
             raise TypeError(
                 "`MetaConfig.loss_fn` must be a per-point loss function such as "

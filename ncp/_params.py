@@ -52,7 +52,26 @@ def init_params(
     return out
 
 
-def adapted_names(model: nn.Module, adapt_only: Sequence[str] | None) -> List[str]:
+def as_adapt_only(value: object, arg: str = "MetaConfig.adapt_only") -> Tuple[str, ...] | None:
+    """``value`` as a tuple of parameter or module names (None stays None)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (tuple, list))
+        or not value
+        or not all(isinstance(a, str) for a in value)
+    ):
+        raise TypeError(
+            f"`{arg}` must be a non-empty tuple of parameter or module names, e.g. "
+            f"('modulations',), got {value!r}."
+        )
+    return tuple(value)
+
+
+def adapted_names(
+    model: nn.Module, adapt_only: Sequence[str] | None, arg: str = "MetaConfig.adapt_only"
+) -> List[str]:
     """Trainable parameters the inner loop adapts: all, or those named (or prefixed) by
     ``adapt_only``; the others are meta-learned only."""
     names = trainable_names(model)
@@ -65,7 +84,7 @@ def adapted_names(model: nn.Module, adapt_only: Sequence[str] | None) -> List[st
     unmatched = [a for a in adapt_only if not any(n == a or n.startswith(a + ".") for n in names)]
     if unmatched:
         raise ValueError(
-            f"`MetaConfig.adapt_only` entries {unmatched} match no trainable parameter or module; "
+            f"`{arg}` entries {unmatched} match no trainable parameter or module; "
             f"trainable parameters are {names}."
         )
     return chosen

@@ -34,7 +34,7 @@ except ImportError as err:
 
 from .. import losses
 from .._bootstrap import BootstrapMetaLoss
-from .._params import Params, adapted_names, check_norm_layers, trainable_names
+from .._params import Params, adapted_names, as_adapt_only, check_norm_layers
 from .._pruning import ContextPruner, Pruned, Selector
 from .._rescaling import GradRescaler
 from .._validation import check_device, check_loss_fn
@@ -111,21 +111,7 @@ def _check_task(model: nn.Module, x: object, y: object) -> None:
 
 
 def _adapted(model: nn.Module, adapt_only: Sequence[str] | None) -> List[str]:
-    if adapt_only is None:
-        return trainable_names(model)
-    if isinstance(adapt_only, str) or not all(isinstance(a, str) for a in adapt_only):
-        raise TypeError(
-            "`adapt_only` must be a sequence of parameter or module names, e.g. ('net.4',), "
-            f"got {adapt_only!r}."
-        )
-    names = trainable_names(model)
-    unmatched = [a for a in adapt_only if not any(n == a or n.startswith(a + ".") for n in names)]
-    if unmatched or not adapt_only:
-        raise ValueError(
-            f"`adapt_only` entries {list(unmatched)} match no trainable parameter or module; "
-            f"trainable parameters are {names}."
-        )
-    return adapted_names(model, tuple(adapt_only))
+    return adapted_names(model, as_adapt_only(adapt_only, "adapt_only"), "adapt_only")
 
 
 def _check_type(value: object, cls: type, arg: str) -> None:
