@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import diagnostics as diagnostics
 from . import functional as functional
 from . import losses as losses
 from ._bootstrap import BootstrapMetaLoss as BootstrapMetaLoss
@@ -45,6 +46,7 @@ __all__ = [
     "Pruned",
     "Selector",
     "adapt",
+    "diagnostics",
     "forward",
     "functional",
     "losses",
