@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Tuple
+from typing import Callable, Literal, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,8 @@ from . import losses
 from ._inner import first_order_steps
 from ._params import Params, check_chunk_size
 from .losses import LossFn
+
+CONTEXTS: Tuple[str, ...] = ("full", "pruned", "random")
 
 
 def parameter_distance(
@@ -54,6 +56,11 @@ class BootstrapMetaLoss:
             ``lr=cfg.inner_lr`` to follow the algorithm literally.
         weight: the paper's ``lambda`` (100).
         squared: use the squared distance instead of the L2 norm.
+        context: the points each target step uses: ``"full"`` (the paper's: the whole
+            context, which recovers the information pruning dropped), ``"pruned"`` (the
+            points ``MetaConfig.pruner`` keeps, re-scored at every target step) or
+            ``"random"`` (a fresh random subset of the pruner's size at every step); the
+            comparison of the paper's Table 9. The last two need ``MetaConfig.pruner``.
         chunk_size: accumulate each target step's gradient over chunks of at most this many
             context points, so the transient graph of a full-context step never holds more
             than one chunk; takes precedence over ``MetaConfig.chunk_size`` for the target
@@ -77,6 +84,7 @@ class BootstrapMetaLoss:
     lr: float = 5e-2
     weight: float = 100.0
     squared: bool = False
+    context: Literal["full", "pruned", "random"] = "full"
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -96,6 +104,11 @@ class BootstrapMetaLoss:
         if not isinstance(self.squared, bool):
             raise TypeError(f"`BootstrapMetaLoss.squared` must be a bool, got {self.squared!r}.")
         check_chunk_size(self.chunk_size, "BootstrapMetaLoss")
+        if self.context not in CONTEXTS:
+            raise ValueError(
+                f"`BootstrapMetaLoss.context` must be one of {list(CONTEXTS)}, got "
+                f"{self.context!r}."
+            )
 
     def target(
         self,
@@ -108,13 +121,21 @@ class BootstrapMetaLoss:
         vmap_tasks: bool = True,
         names: Sequence[str] | None = None,
         chunk_size: int | None = None,
+        select: Callable[[Params, Tensor, Tensor], Tuple[Tensor, ...]] | None = None,
     ) -> Params:
         """``theta_boot``: ``steps`` SGD steps from ``stopgrad(params)`` on ``(x, y)``; no graph.
 
         Only the parameters in ``names`` (default all) are stepped and returned; with
         ``chunk_size`` (or this loss's own ``chunk_size``, which takes precedence) each
-        gradient is accumulated over chunks of at most that many points.
+        gradient is accumulated over chunks of at most that many points. For
+        ``context="pruned"`` or ``"random"``, ``select`` chooses each step's points
+        (:func:`ncp.meta_step` passes the matching :class:`ncp.Selector`).
         """
+        if self.context != "full" and select is None:
+            raise ValueError(
+                f"`BootstrapMetaLoss.context`={self.context!r} needs `select`, the selector of "
+                "each target step's points; ncp.meta_step passes it from MetaConfig.pruner."
+            )
         target, _ = first_order_steps(
             model,
             params,
@@ -126,6 +147,7 @@ class BootstrapMetaLoss:
             vmap_tasks=vmap_tasks,
             names=names,
             chunk_size=chunk_size if self.chunk_size is None else self.chunk_size,
+            select=None if self.context == "full" else select,
         )
         return target if names is None else {n: target[n] for n in names}
 
@@ -144,6 +166,7 @@ class BootstrapMetaLoss:
         vmap_tasks: bool = True,
         names: Sequence[str] | None = None,
         chunk_size: int | None = None,
+        select: Callable[[Params, Tensor, Tensor], Tuple[Tensor, ...]] | None = None,
     ) -> Tuple[Tensor, Params]:
         """The bootstrap term ``(tasks,)`` and the detached target it was measured against
         (over the parameters in ``names``, default all)."""
@@ -156,5 +179,6 @@ class BootstrapMetaLoss:
             vmap_tasks=vmap_tasks,
             names=names,
             chunk_size=chunk_size,
+            select=select,
         )
         return self.distance(params, target), target

@@ -92,3 +92,9 @@ class MetaConfig:
                 "`MetaConfig.bootstrap` must be an ncp.BootstrapMetaLoss or None, got "
                 f"{type(self.bootstrap).__name__}."
             )
+        if self.bootstrap is not None and self.bootstrap.context != "full" and self.pruner is None:
+            raise ValueError(
+                f"`BootstrapMetaLoss.context`={self.bootstrap.context!r} selects the target's "
+                "points with MetaConfig.pruner, which is None; pass a pruner or use "
+                "context='full'."
+            )

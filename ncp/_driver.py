@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence, Tuple, Union
 
@@ -141,6 +142,28 @@ def _selector(
     )
 
 
+def _target_selector(
+    cfg: MetaConfig,
+    select: Selector | None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    params: Params,
+) -> Selector | None:
+    """The selector of the bootstrap target's steps (``BootstrapMetaLoss.context``)."""
+    assert cfg.bootstrap is not None
+    if cfg.bootstrap.context == "pruned":
+        return select
+    if cfg.bootstrap.context == "random":
+        assert cfg.pruner is not None
+        randomly = dataclasses.replace(
+            cfg.pruner, score="random", score_dtype=None, strategy="auto"
+        )
+        return randomly.prepare(model, x, y, loss_fn=loss_fn, params=params)
+    return None
+
+
 def _step_lr(
     inner_lr: float,
     learned_lr: LearnedLR | None,
@@ -257,6 +280,7 @@ def meta_step(
             vmap_tasks=cfg.vmap_tasks,
             names=names,
             chunk_size=cfg.chunk_size,
+            select=_target_selector(cfg, select, model, cx, cy, loss_fn, params),
         )
     query_loss = task_losses(
         model, params, qx, qy, loss_fn, vmap_tasks=cfg.vmap_tasks, chunk_size=cfg.chunk_size

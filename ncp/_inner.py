@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -137,9 +137,12 @@ def first_order_steps(
     vmap_tasks: bool = True,
     names: Sequence[str] | None = None,
     chunk_size: int | None = None,
+    select: Callable[[Params, Tensor, Tensor], Tuple[Tensor, ...]] | None = None,
 ) -> Tuple[Params, Tensor]:
     """``steps`` SGD steps with no graph kept between them (``chunk_size``: see
-    :func:`task_losses`).
+    :func:`task_losses`). With ``select`` (an :class:`ncp.Selector`, or any function of
+    ``(params, x, y)`` whose result starts with the kept ``x`` and ``y``), each step uses the
+    points it keeps at the current parameters instead of all of ``(x, y)``.
 
     Returns:
         Detached parameters after the steps and the ``(steps, tasks)`` losses before each step.
@@ -147,13 +150,14 @@ def first_order_steps(
     current: Params = {k: v.detach() for k, v in params.items()}
     history = []
     for _ in range(steps):
+        xs, ys = (x, y) if select is None else select(current, x, y)[:2]
         with torch.enable_grad():
             leaves = detached_leaves(current)
             grads, losses = task_gradients(
                 model,
                 leaves,
-                x,
-                y,
+                xs,
+                ys,
                 loss_fn,
                 create_graph=False,
                 vmap_tasks=vmap_tasks,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -80,3 +82,48 @@ def test_zero_distance_has_zero_gradient_not_nan():
 def test_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ncp.BootstrapMetaLoss(**kwargs)
+
+
+def test_pruned_target_context_steps_on_the_points_the_pruner_keeps():
+    """Table 9's 'pruned' target: every target step re-scores and keeps the top points."""
+    torch.manual_seed(0)
+    model = _models.mlp().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 20, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(2, 20, 1, generator=g, dtype=torch.float64)
+    pruner = ncp.ContextPruner(ratio=0.25)
+    boot = ncp.BootstrapMetaLoss(steps=3, lr=0.1, context="pruned")
+    cfg = ncp.MetaConfig(inner_steps=2, inner_lr=0.1, pruner=pruner, bootstrap=boot)
+    out = ncp.meta_step(model, (x, y), cfg)
+    # by hand: three first-order steps, each on the points the pruner keeps then
+    current = {k: v.detach() for k, v in out.params.items()}
+    for _ in range(3):
+        kept = pruner(model, x, y, params=current)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in current.items()}
+        grads, _ = ncp.functional.task_gradients(
+            model, leaves, kept.x, kept.y, ncp.losses.mse, create_graph=False
+        )
+        current = {k: current[k] - 0.1 * grads[k] for k in current}
+    for name in current:
+        assert_close(out.bootstrap_target[name], current[name], rtol=1e-6, atol=1e-9)
+    full = ncp.meta_step(
+        model, (x, y), dataclasses.replace(cfg, bootstrap=dataclasses.replace(boot, context="full"))
+    )
+    assert not torch.allclose(full.bootstrap_target["0.weight"], current["0.weight"])
+
+
+def test_random_target_context_uses_the_pruner_size_and_needs_a_pruner():
+    torch.manual_seed(0)
+    model = _models.mlp()
+    x, y = torch.rand(2, 40, 2), torch.rand(2, 40, 1)
+    boot = ncp.BootstrapMetaLoss(steps=2, context="random")
+    cfg = ncp.MetaConfig(inner_steps=1, pruner=ncp.ContextPruner(ratio=0.25), bootstrap=boot)
+    out = ncp.meta_step(model, (x, y), cfg)
+    out.loss.backward()
+    assert out.bootstrap_loss.shape == (2,) and torch.isfinite(out.bootstrap_loss).all()
+    with pytest.raises(ValueError, match=r"`BootstrapMetaLoss.context`='random' selects"):
+        ncp.MetaConfig(pruner=None, bootstrap=boot)
+    with pytest.raises(ValueError, match=r"`BootstrapMetaLoss.context` must be one of"):
+        ncp.BootstrapMetaLoss(context="half")
+    with pytest.raises(ValueError, match=r"needs `select`"):
+        boot.target(model, ncp.functional.init_params(model, 2), x, y)

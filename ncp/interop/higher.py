@@ -291,6 +291,11 @@ def bootstrap_loss(
         Tack et al., NeurIPS 2023, Sec. 2.3, Eq. (3).
     """
     _check_type(bootstrap, BootstrapMetaLoss, "bootstrap")
+    if bootstrap.context != "full":
+        raise ValueError(
+            f"`bootstrap.context`={bootstrap.context!r} is supported by ncp.meta_step only; "
+            "use BootstrapMetaLoss(context='full') here."
+        )
     _check_task(model, x, y)
     names = _adapted(model, adapt_only)
     params = fast_params(model, fmodel)
