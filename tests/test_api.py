@@ -236,3 +236,22 @@ def test_quickstart_blocks_loop_reaches_the_meta_step_gradient():
     ncp.meta_step(model, (x, y), cfg).loss.backward()
     for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
         assert_close(a, b, **F64)
+
+
+def test_concepts_reptile_loop_moves_theta0_toward_the_adapted_parameters():
+    from tests._docpages import named_blocks, page_batch, page_model
+
+    model = page_model().double()
+    x, y = (t.double() for t in page_batch(4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ns = {"ncp": ncp, "torch": torch, "model": model, "loader": [(x, y)], "opt": opt}
+    exec(named_blocks("concepts.md")["concepts-reptile"], ns)
+    # by hand: 32 full-context SGD steps per task from theta_0, then theta_0 += 0.5 (mean - theta_0)
+    cfg = ncp.MetaConfig(inner_steps=32, inner_lr=1e-2, pruner=None, bootstrap=None)
+    page = page_model().double()
+    adapted = ncp.adapt(page, x, y, cfg).params
+    for name, p in model.named_parameters():
+        want = before[name] + 0.5 * (adapted[name].mean(0) - before[name])
+        assert_close(p.detach(), want, **F64)
+        assert not torch.equal(p.detach(), before[name])
