@@ -114,8 +114,10 @@ class ContextPruner:
 
     Args:
         ratio: fraction of points kept per task and step, ``k = floor(ratio * points)``.
-        score: ``"gradncp"`` (last-layer gradient norm, Eq. 2), ``"loss"`` (per-point loss) or
-            ``"random"``.
+        score: ``"gradncp"`` (last-layer gradient norm, Eq. 2), ``"loss"`` (per-point loss),
+            ``"random"``, or the paper's Fig. 3c baselines ``"spg"`` / ``"tpg"`` (self- and
+            target-prediction gain of a last-layer SGD step of size ``gain_lr``; TPG costs
+            ``O(points^2)``; both need a linear head whose output is the model's output).
         chunk_size: score at most this many points per forward pass, bounding scoring memory
             on huge contexts. Only for models that treat points independently (no batch norm
             over points).
@@ -136,6 +138,8 @@ class ContextPruner:
             all. The targets must be integer labels ``(tasks, points)`` in ``[0, N)``. None
             (default) keeps the global top ``k``, the paper's rule, which can leave whole
             classes out of a step (docs/concepts.md, "Class-balanced pruning").
+        gain_lr: the step size of the last-layer update that ``"spg"`` and ``"tpg"``
+            simulate (the paper's inner learning rate).
         strategy: how the GradNCP score is computed, chosen once by :meth:`prepare`:
             ``"auto"`` vectorises the closed form over tasks on accelerators and loops over
             tasks on CPU (faster there); ``"vmap"`` vectorises on any device (a model the
@@ -164,6 +168,7 @@ class ContextPruner:
     score_dtype: torch.dtype | None = None
     balance_classes: int | None = None
     strategy: Strategy = "auto"
+    gain_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -206,6 +211,12 @@ class ContextPruner:
                 f"`ContextPruner.strategy` must be one of {list(STRATEGIES)}, got "
                 f"{self.strategy!r}."
             )
+        if (
+            isinstance(self.gain_lr, bool)
+            or not isinstance(self.gain_lr, (int, float))
+            or not self.gain_lr > 0
+        ):
+            raise ValueError(f"`ContextPruner.gain_lr` must be a number > 0, got {self.gain_lr!r}.")
         if self.generator is not None and self.score != "random":
             raise ValueError(
                 f"`ContextPruner.generator` is only used by score='random', got score={self.score!r}; "
@@ -291,6 +302,7 @@ class ContextPruner:
                 head=self.head,
                 strategy=self.strategy,
                 vmap_tasks=vmap_tasks,
+                gain_lr=self.gain_lr,
             )
         return Selector(
             pruner=self,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ._gain import gain_scores
 from ._params import (
     chunk_slices,
     forward_hooks,
@@ -34,8 +35,8 @@ from ._params import (
 )
 from .losses import LossFn
 
-Score = Literal["gradncp", "loss", "random"]
-SCORES: Tuple[str, ...] = ("gradncp", "loss", "random")
+Score = Literal["gradncp", "loss", "random", "spg", "tpg"]
+SCORES: Tuple[str, ...] = ("gradncp", "loss", "random", "spg", "tpg")
 
 
 def linear_head_score(
@@ -115,8 +116,9 @@ def _head_io(
     x: Tensor,
     y: Tensor,
     loss_fn: LossFn,
-) -> Tuple[Tensor, Tensor]:
-    """Head input ``phi`` and ``dl/dz`` for one task's points, with no graph through the body.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Head input ``phi``, ``dl/dz`` and the head output ``z`` for one task's points, with no
+    graph through the body.
 
     A forward hook swaps the head's output for a detached leaf ``z``; the parameters are
     detached too, so autograd records only what follows the head (activation, loss).
@@ -161,7 +163,7 @@ def _head_io(
     dz = torch.autograd.grad(total, z, allow_unused=True)[0] if total.requires_grad else None
     if dz is None:
         raise ValueError(f"the loss does not depend on the output of the head module '{head}'.")
-    return phi, dz
+    return phi, dz, z.detach()
 
 
 def _exact_head_score(
@@ -276,6 +278,7 @@ class ScorePlan:
     weight: bool = True
     bias: bool = True
     vmap_tasks: bool = True
+    lr: float = 0.0
 
     def __call__(
         self,
@@ -323,13 +326,27 @@ class ScorePlan:
                 for sl in slices
             ]
             return torch.cat(parts, dim=1)
+        if self.method in ("spg", "tpg"):
+            head = self.head
+            return gain_scores(
+                self.method,
+                lambda p, xs, ys: _head_io(model, head, module, p, xs, ys, loss_fn),
+                detached,
+                x,
+                y,
+                loss_fn=loss_fn,
+                lr=self.lr,
+                weight=self.weight,
+                bias=self.bias,
+                chunk_size=chunk_size,
+            )
         rows = []
         for i in range(x.shape[0]):
             p_i = task_slice(detached, i)
             hp = head_params(p_i, self.head)
             parts = []
             for sl in slices:
-                phi, dz = _head_io(model, self.head, module, p_i, x[i, sl], y[i, sl], loss_fn)
+                phi, dz, _ = _head_io(model, self.head, module, p_i, x[i, sl], y[i, sl], loss_fn)
                 if self.method == "loop":
                     parts.append(linear_head_score(phi, dz, weight=self.weight, bias=self.bias))
                 else:
@@ -349,6 +366,7 @@ def plan(
     head: str | None = None,
     strategy: str = "auto",
     vmap_tasks: bool = True,
+    gain_lr: float = 1e-2,
 ) -> ScorePlan:
     """Validate the model and loss for ``score`` on a few points and choose how to score.
 
@@ -369,13 +387,27 @@ def plan(
         head = find_head(model, task_slice(params, 0), x[0, : min(x.shape[1], 8)])
     module = resolve_head(model, head)
     n = min(x.shape[1], 8)
-    phi, _ = _head_io(
+    phi, _, z = _head_io(
         model, head, module, task_slice(params, 0), x[0, :n].detach(), y[0, :n].detach(), loss_fn
     )
     own = dict(module.named_parameters(recurse=False))
     names = head_params(params, head)
     weight = "weight" in names
     bias = own.get("bias") is not None and "bias" in names
+    if score in ("spg", "tpg"):
+        out = single_forward(model, task_slice(params, 0), x[0, :n].detach())
+        if (
+            not isinstance(module, nn.Linear)
+            or phi.dim() != 2
+            or out.shape != z.shape
+            or not torch.allclose(out, z.to(out.dtype))
+        ):
+            raise ValueError(
+                f"score={score!r} approximates the gain with a last-layer update and needs a "
+                "linear head whose output is the model's output (points, outputs); use "
+                "score='gradncp' for this model."
+            )
+        return ScorePlan(score, score, head, weight, bias, lr=gain_lr)
     closed_form = isinstance(module, nn.Linear) and phi.dim() == 2 and strategy != "exact"
     if not closed_form:
         return ScorePlan(score, "exact", head, weight, bias)

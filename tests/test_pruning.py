@@ -100,7 +100,8 @@ def test_pruner_keep_zero_raises():
         (dict(ratio="a"), r"`ContextPruner.ratio` must be a float"),
         (
             dict(score="grad"),
-            r"`ContextPruner.score` must be one of \['gradncp', 'loss', 'random'\], got 'grad'",
+            r"`ContextPruner.score` must be one of \['gradncp', 'loss', 'random', 'spg', 'tpg'\], "
+            r"got 'grad'",
         ),
         (dict(chunk_size=0), r"`ContextPruner.chunk_size` must be a positive int or None, got 0"),
         (dict(generator=torch.Generator()), r"only used by score='random'"),
