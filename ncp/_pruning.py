@@ -284,6 +284,9 @@ class ContextPruner:
         try:
             k = self.keep(x.shape[1])
         except ValueError as e:
+            if x.shape[0] <= x.shape[1]:
+                raise
+            # More "tasks" than "points": most likely one task's points without the task dim.
             raise ValueError(
                 f"{e} (`x` has shape {tuple(x.shape)}, read as (tasks, points, ...): for one "
                 "task's points pass x.unsqueeze(0) and y.unsqueeze(0).)"
