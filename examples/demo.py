@@ -150,7 +150,7 @@ def reconstruct(
     images: Tensor,
     *,
     steps: int,
-    rescaler: ncp.GradRescaler | None = None,
+    mode: str = "full",
     chunk: int = 8,
 ) -> Tensor:
     """Adapt to each image for ``steps`` full-context steps; return the images ``(N, H, W, 3)``
@@ -158,7 +158,7 @@ def reconstruct(
     out = []
     for part in images.split(chunk):
         x, y = image_context(part)
-        params = ncp.adapt(model, x, y, cfg, steps=steps, rescaler=rescaler)
+        params = ncp.adapt(model, x, y, cfg, steps=steps, mode=mode).params
         with torch.no_grad():
             pred = ncp.forward(model, params, x)
         out.append(pred.clamp(0, 1).reshape(part.shape))
@@ -168,10 +168,10 @@ def reconstruct(
 def kept_points(model: nn.Module, cfg: ncp.MetaConfig, images: Tensor) -> Tensor:
     """The context indices GradNCP keeps at each inner step for ``images``: ``(K, N, k)``.
 
-    ``ncp.adapt(..., prune=True)`` replays the meta-training inner loop (pruned steps) without
-    a graph and records the points kept at every step.
+    ``ncp.adapt(..., mode="pruned")`` replays the meta-training inner loop (pruned steps)
+    without a graph and records the points kept at every step.
     """
-    adapted = ncp.adapt(model, *image_context(images), cfg, prune=True)
+    adapted = ncp.adapt(model, *image_context(images), cfg, mode="pruned")
     assert adapted.kept_indices is not None
     return adapted.kept_indices
 
@@ -197,7 +197,7 @@ def make_figure(
         panels += [
             (f"{name}\n{psnrs[name][r]:.1f} dB", rec[r], None) for name, rec in recon.items()
         ]
-        panels += [(f"GradNCP kept, k={k}", images[r], kept[k, r]) for k in show_steps]
+        panels += [(f"GradNCP kept, step {k}", images[r], kept[k, r]) for k in show_steps]
         for c, (title, img, idx) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img.numpy(), alpha=1.0 if idx is None else 0.45, interpolation="nearest")
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
             configs["GradNCP"],
             test_images,
             steps=k_test,
-            rescaler=ncp.GradRescaler(),
+            mode="rescaled",
         ),
     }
     psnrs = {name: psnr(rec, test_images) for name, rec in recon.items()}
