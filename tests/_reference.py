@@ -35,13 +35,13 @@ def balanced_top(scores, labels, k, classes):
     whose best unkept point scores highest (each class at most once)."""
     n = scores.shape[0]
     members = {c: [j for j in range(n) if int(labels[j]) == c] for c in range(classes)}
-    for c in members:  # best first; ties: lower index first
-        members[c].sort(key=lambda j: (-float(scores[j]), j))
+    for js in members.values():  # best first; ties: lower index first
+        js.sort(key=lambda j: (-float(scores[j]), j))
     kept = []
-    for c, js in members.items():
+    for js in members.values():
         kept += js[: len(js) * k // n]
     leftover = []
-    for c, js in members.items():
+    for js in members.values():
         share = len(js) * k // n
         if share < len(js):
             leftover.append(js[share])
