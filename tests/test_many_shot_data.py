@@ -139,6 +139,16 @@ def test_fashion_mnist_loader_splits_classes(tmp_path):
     assert other["train"].classes != train.classes
     with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.gz"):
         data.load_fashion_mnist(tmp_path / "nowhere")
+    held = data.load_fashion_mnist(tmp_path, split_seed=3, val_per_class=5)
+    assert held["val"].classes == held["train"].classes == train.classes
+    assert held["test"].classes == test.classes
+    for full, tr, va in zip(train.images, held["train"].images, held["val"].images, strict=True):
+        assert len(tr) == 10 and len(va) == 5
+        rows = {im.tobytes() for im in full}
+        assert {im.tobytes() for im in tr} | {im.tobytes() for im in va} <= rows
+        assert not {im.tobytes() for im in tr} & {im.tobytes() for im in va}  # image-disjoint
+    with pytest.raises(ValueError, match="`val_per_class` must be below the 15 images"):
+        data.load_fashion_mnist(tmp_path, val_per_class=15)
 
 
 @pytest.fixture(scope="module")
