@@ -331,7 +331,7 @@ def test_report_pools_the_seeds(tmp_path):
     assert reproduce.values(str(tmp_path), "text_gradncp", "lr=0.01 pruned") == [32.0, 34.0, 36.0]
     text = reproduce.report(str(tmp_path))
     half = f"{4.302653 * 2 / math.sqrt(3):.2f}"
-    row = f"| text | GradNCP K=16 r=0.25 | 3 | - | 32.00 ± {half} | not run | 33.00 ± {half} "
+    row = f"| text | GradNCP K=16 r=0.25 | 3 | - | 32.00 ± {half} | - | 33.00 ± {half} "
     assert row + f"| 34.00 ± {half} |" in text
     assert "| text | gradncp pruned | 22.00 ± " in text  # PSNR@4 of the pruned curve
 
@@ -410,3 +410,28 @@ def test_reproduce_skips_finished_commands(tmp_path):
     os.utime(run / "eval_trained.json", None)
     os.utime(run / "checkpoint.pt", (1, 1))
     assert reproduce._done(eval_cmd, str(run))
+
+
+def test_gradnorm_ratio_of_pruned_to_full_gradient(text_run):
+    from examples.neural_fields import gradnorm
+
+    torch.manual_seed(0)
+    model = train.Siren(2, 1, hidden=8, layers=2)
+    x, y = torch.rand(2, 40, 2), torch.rand(2, 40, 1)
+    torch.testing.assert_close(gradnorm.grad_ratios(model, x, y, 1.0, 2), torch.ones(2, 2))
+    r = gradnorm.grad_ratios(model, x, y, 0.5, 1)
+    cfg = ncp.MetaConfig(inner_steps=1, pruner=ncp.ContextPruner(ratio=0.5), bootstrap=None)
+    kept = ncp.adapt(model, x, y, cfg, prune=True).kept_indices[0]
+    for t in range(2):  # by hand: the same norms with torch.autograd on the module itself
+        full = ((model(x[t]) - y[t]) ** 2).mean()
+        pruned = ((model(x[t, kept[t]]) - y[t, kept[t]]) ** 2).mean()
+        gf = torch.autograd.grad(full, list(model.parameters()))
+        gp = torch.autograd.grad(pruned, list(model.parameters()))
+        norm = lambda gs: torch.sqrt(sum((g**2).sum() for g in gs))  # noqa: E731
+        assert r[0, t].item() == pytest.approx((norm(gp) / norm(gf)).item(), rel=1e-5)
+    lines = gradnorm.main(
+        ["--run", str(text_run), "--ratios", "0.5", "--steps", "2", "--signals", "2"]
+    )
+    assert lines[1].startswith("ratio 0.5 (at most 2): ") and "| max " in lines[1]
+    with pytest.raises(SystemExit):
+        gradnorm.main(["--run", str(text_run), "--ratios", "0"])
