@@ -34,7 +34,7 @@ import ncp
 
 from . import data
 from .budget import saved_bytes
-from .episodes import EpisodeSampler
+from .episodes import EpisodeSampler, shuffle_support
 from .model import Conv4, build_model, count_parameters
 
 METHODS = ("maml", "gradncp")
@@ -503,7 +503,8 @@ def train(
     )
     t0 = time.perf_counter()
     for step in bar:
-        ep = sampler.sample(cfg.tasks).to(device)
+        # Shuffled so that the chunks of a chunked bootstrap mix the classes (shuffle_support).
+        ep = shuffle_support(sampler.sample(cfg.tasks)).to(device)
         out = ncp.meta_step(
             model, ep.batch(), meta, loss_fn=ncp.losses.cross_entropy, learned_lr=rates
         )
