@@ -513,8 +513,8 @@ def report(out: str, preset: str = "cpu") -> str:
             f"| {cell(values(out, name, v + ' pruned'))} "
             f"| {cell(values(out, name, v, step=64))} |"
         )
-    lines += ["", "### Figures 5b and 11 analogue: PSNR after 4, 16, 32, 64 steps (lr 0.01)"]
-    lines += ["", "| data | method | 4 | 16 | 32 | 64 |", "|---|---|---|---|---|---|"]
+    lines += ["", "### Figures 5b and 11 analogue: PSNR after 4, 8, 16, 32, 64 steps (lr 0.01)"]
+    lines += ["", "| data | method | 4 | 8 | 16 | 32 | 64 |", "|---|---|---|---|---|---|---|"]
     for d in DATASETS:
         for m, mode in (
             ("maml", ""),
@@ -523,7 +523,7 @@ def report(out: str, preset: str = "cpu") -> str:
             ("gradncp", " pruned"),
         ):
             name = f"{d}_{m}"
-            cells = [cell(values(out, name, BASE + mode, step=k)) for k in (4, 16, 32, 64)]
+            cells = [cell(values(out, name, BASE + mode, step=k)) for k in (4, 8, 16, 32, 64)]
             lines.append(f"| {d} | {m}{mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
