@@ -1,11 +1,11 @@
 """Meta-learn a neural field initialisation with MAML or GradNCP, with checkpoints that resume.
 
 All the paper's hyperparameters are flags whose defaults are the paper's values (Appendix A.2):
-outer Adam with lr 1e-5, batch 8 (the paper sets it per data set); MAML K=4; GradNCP ratio 0.25 (0.5 for
-audio and the sphere, the paper's LibriSpeech and ERA5) and K = MAML's K / ratio (16; 8 at
-ratio 0.5: the same memory), bootstrap L=5, lambda=100; inner lr 1e-2; SIREN 5x256 (7 layers for
-video, w0=50 on the sphere). Not in the paper: the bootstrap target's lr (5e-2 here; Algorithm 1
-writes the inner rate) and the grad-norm clip (1.0). Runs write to ``--out``:
+outer Adam with lr 1e-5, batch 8 (the paper sets it per data set); MAML K=4; GradNCP ratio 0.25
+(0.5 for audio and the sphere, the paper's LibriSpeech and ERA5) and K = MAML's K / ratio (16;
+8 at ratio 0.5: the same memory), bootstrap L=5, lambda=100; inner lr 1e-2; SIREN 5x256 (7
+layers for video, w0=50 on the sphere). Not in the paper: the bootstrap target's lr (5e-2 here;
+Algorithm 1 writes the inner rate) and the grad-norm clip (1.0). Runs write to ``--out``:
 
 - ``checkpoint.pt``: model, optimizer, RNG states (torch, numpy, python), the batch sampler,
   step. A run started again with the same ``--out`` resumes from it exactly.
