@@ -387,7 +387,9 @@ def test_gpu_preset_runs_tiny_on_cpu_and_writes_its_row(tmp_path):
     assert "MAML K=4 | GradNCP K=16 | GradNCP +rescale | GradNCP pruned" in header
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0].startswith("image_folder (image 16x16x3)") and cells[1:3] == ["2", "1"]
-    assert all(c.endswith("(1 seed)") for c in cells[3:]), cells
+    assert all(c.endswith("(1 seed)") for c in cells[3:7]), cells
+    saved = cells[7].split(" / ")
+    assert len(saved) == 2 and all(float(v) >= 0 for v in saved) and cells[8] == "- / -"
     res = json.loads((out / "deep_sky178_gradncp_s0" / "eval_trained.json").read_text())
     assert res["outer_steps"] == 2 and res["inner_steps"] == 16
 

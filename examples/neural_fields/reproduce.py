@@ -539,19 +539,32 @@ CLIMATE_RUNS = (
 )
 
 
+def _cuda_mb(out: str, name: str) -> str:
+    peaks = []
+    for run in _seed_dirs(out, name):
+        path = os.path.join(run, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                recs = [json.loads(line) for line in f if line.strip()]
+            peaks += [r["peak_cuda_bytes"] / 2**20 for r in recs if "peak_cuda_bytes" in r]
+    return f"{statistics.fmean(peaks):.0f}" if peaks else "-"
+
+
 def gpu_table(out: str) -> str:
-    """The one-row table of ``--preset gpu`` (PSNR after 16 full-context steps, seeds pooled)."""
+    """The one-row table of ``--preset gpu``: PSNR after 16 full-context steps (seeds pooled),
+    and the memory of one meta-step (saved for backward; the CUDA allocator's peak on a GPU)."""
     maml, ncp_ = "deep_sky178_maml", "deep_sky178_gradncp"
     res = next((r for r in map(_load, _seed_dirs(out, ncp_)) if r is not None), None)
     data = res["data"] if res is not None else "not run"
     steps = res["outer_steps"] if res is not None else "-"
     lines = [
         "| data | outer steps | seeds | MAML K=4 | GradNCP K=16 | GradNCP +rescale "
-        "| GradNCP pruned |",
-        "|---|---|---|---|---|---|---|",
+        "| GradNCP pruned | saved MB MAML / GradNCP | CUDA peak MB MAML / GradNCP |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| {data} | {steps} | {_seeds(out, ncp_)} | {cell(values(out, maml, BASE))} "
         f"| {cell(values(out, ncp_, BASE))} | {cell(values(out, ncp_, BASE + ' +rescale'))} "
-        f"| {cell(values(out, ncp_, BASE + ' pruned'))} |",
+        f"| {cell(values(out, ncp_, BASE + ' pruned'))} | {_mb(out, maml)} / {_mb(out, ncp_)} "
+        f"| {_cuda_mb(out, maml)} / {_cuda_mb(out, ncp_)} |",
     ]
     return "\n".join(lines)
 

@@ -343,12 +343,13 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         x, y = signals.context(signals.train_batch(idx).to(device))
         opt.zero_grad(set_to_none=True)
         if step == 0:
-            with ncp.MemoryMeter() as meter:
+            with ncp.MemoryMeter(device if device.type == "cuda" else None) as meter:
                 out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
                 out.loss.backward()
-            _log(
-                log_path, {"step": 0, "event": "memory", "peak_saved_bytes": meter.peak_saved_bytes}
-            )
+            rec = {"step": 0, "event": "memory", "peak_saved_bytes": meter.peak_saved_bytes}
+            if meter.peak_cuda_bytes is not None:  # the allocator's peak, on a GPU
+                rec["peak_cuda_bytes"] = meter.peak_cuda_bytes
+            _log(log_path, rec)
         else:
             out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
             out.loss.backward()
