@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from examples.many_shot import data
-from examples.many_shot.episodes import EpisodeSampler
+from examples.many_shot.episodes import EpisodeSampler, shuffle_support
 
 
 @pytest.fixture(autouse=True)
@@ -139,6 +139,16 @@ def test_fashion_mnist_loader_splits_classes(tmp_path):
     assert other["train"].classes != train.classes
     with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.gz"):
         data.load_fashion_mnist(tmp_path / "nowhere")
+    held = data.load_fashion_mnist(tmp_path, split_seed=3, val_per_class=5)
+    assert held["val"].classes == held["train"].classes == train.classes
+    assert held["test"].classes == test.classes
+    for full, tr, va in zip(train.images, held["train"].images, held["val"].images, strict=True):
+        assert len(tr) == 10 and len(va) == 5
+        rows = {im.tobytes() for im in full}
+        assert {im.tobytes() for im in tr} | {im.tobytes() for im in va} <= rows
+        assert not {im.tobytes() for im in tr} & {im.tobytes() for im in va}  # image-disjoint
+    with pytest.raises(ValueError, match="`val_per_class` must be below the 15 images"):
+        data.load_fashion_mnist(tmp_path, val_per_class=15)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +230,23 @@ def test_sampler_counts_labels_and_no_overlap():
         expected_cls = torch.as_tensor(ep.classes[t])[ep.support_y[t]]
         assert torch.equal(sup // 10, expected_cls)
         assert torch.equal(qry // 10, torch.as_tensor(ep.classes[t])[ep.query_y[t]])
+
+
+def test_shuffle_support_keeps_image_label_pairs_and_mixes_the_order():
+    ep = EpisodeSampler(_split(), ways=3, shots=6, queries=2, seed=0).sample(2)
+    out = shuffle_support(ep, torch.Generator().manual_seed(0))
+    assert torch.equal(out.query_x, ep.query_x) and torch.equal(out.query_y, ep.query_y)
+    assert not torch.equal(out.support_y, ep.support_y)  # no longer sorted by label
+    for t in range(2):
+        assert sorted(out.support_y[t].tolist()) == ep.support_y[t].tolist()
+        pairs = {
+            (x.sum().item(), y.item())
+            for x, y in zip(out.support_x[t], out.support_y[t], strict=True)
+        }
+        assert pairs == {
+            (x.sum().item(), y.item())
+            for x, y in zip(ep.support_x[t], ep.support_y[t], strict=True)
+        }
 
 
 def test_sampler_is_seeded_and_resumable():

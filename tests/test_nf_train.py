@@ -17,6 +17,7 @@ pytest.importorskip("tqdm", reason="the examples need the examples extra")
 
 import ncp
 from examples.neural_fields import evaluate, figures, reproduce, train
+from examples.neural_fields.metrics import psnr
 
 
 def _settings(out, **kw):
@@ -46,7 +47,7 @@ def test_resume_after_interruption_is_exact(tmp_path):
     torch.testing.assert_close(rates, straight["learned_lr"].rates[0], rtol=0, atol=0)
     assert not torch.equal(rates, torch.full_like(rates, 1e-2))  # the rates were meta-trained
     res = evaluate.evaluate(str(tmp_path / "b"), test_steps=1, horizon=2, signals_limit=2)
-    assert set(res["variants"]) == {"learned lr", "learned lr +rescale"}
+    assert set(res["variants"]) == {"learned lr", "learned lr +rescale", "learned lr pruned"}
     assert set(res["variants"]["learned lr"]["curve"]) == {"0", "1", "2"}
 
 
@@ -74,18 +75,52 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_paper_defaults():
     s = train.PAPER
     assert (s["lr"], s["clip"], s["batch"], s["inner_lr"]) == (1e-5, 1.0, 8, 1e-2)
-    assert (s["ratio"], s["bootstrap_steps"], s["bootstrap_weight"], s["bootstrap_lr"]) == (
-        0.25,
-        5,
-        100.0,
-        5e-2,
-    )
+    assert (s["bootstrap_steps"], s["bootstrap_weight"], s["bootstrap_lr"]) == (5, 100.0, 5e-2)
     gradncp = train.make_config({**s, "method": "gradncp"})
     maml = train.make_config({**s, "method": "maml"})
     assert gradncp.inner_steps == 16 and gradncp.pruner.ratio == 0.25
     assert gradncp.bootstrap.steps == 5 and gradncp.bootstrap.weight == 100.0
     assert maml.inner_steps == 4 and maml.pruner is None and maml.bootstrap is None
     assert train.make_config({**s, "bootstrap_steps": 0}).bootstrap is None
+
+
+@pytest.mark.parametrize(
+    ("data", "ratio", "k"),
+    [
+        ("text", 0.25, 16),
+        ("photos", 0.25, 16),
+        ("speech", 0.5, 8),
+        ("audio_folder", 0.5, 8),
+        ("climate", 0.5, 8),
+        ("grid_file", 0.5, 8),
+        ("video", 0.25, 16),
+    ],
+)
+def test_per_data_paper_ratio_and_equal_memory_k(data, ratio, k):
+    # Appendix A.2: ratio 0.5 for LibriSpeech and ERA5, 0.25 otherwise; GradNCP's K is MAML's
+    # K (4) divided by the ratio
+    cfg = train.make_config({**train.PAPER, "data": data, "method": "gradncp"})
+    assert (cfg.pruner.ratio, cfg.inner_steps) == (ratio, k)
+    assert train.make_config({**train.PAPER, "data": data, "method": "maml"}).inner_steps == 4
+    # an explicit ratio or K wins, and K follows an explicit ratio
+    s = {**train.PAPER, "data": data, "method": "gradncp", "ratio": 0.1}
+    assert train.make_config(s).inner_steps == 40
+    assert train.make_config({**s, "inner_steps": 16}).inner_steps == 16
+
+
+def test_w0_is_50_on_the_sphere_only():
+    s = {**train.PAPER, **train.SMOKE}
+    for data, w0 in (("climate", 50.0), ("text", 30.0), ("speech", 30.0)):
+        signals = train.load_data({**s, "data": data})
+        assert train.make_model(s, signals).net[1].w0 == w0, data
+
+
+def test_settings_resolve_the_ratio_before_saving(tmp_path):
+    parser = __import__("argparse").ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--smoke", "--data", "climate", "--method", "gradncp"])
+    s = train.settings_from(args, parser)
+    assert (s["ratio"], s["inner_steps"]) == (0.5, 8)
 
 
 def test_cli_rejects_bad_flags(capsys):
@@ -107,7 +142,13 @@ def test_evaluate_reports_rescaling_lrs_and_the_curve(text_run):
     res = evaluate.evaluate(
         str(text_run), test_steps=2, horizon=3, test_lrs=[0.05], signals_limit=2
     )
-    assert set(res["variants"]) == {"lr=0.01", "lr=0.01 +rescale", "lr=0.05", "lr=0.05 +rescale"}
+    assert set(res["variants"]) == {
+        "lr=0.01",
+        "lr=0.01 +rescale",
+        "lr=0.01 pruned",
+        "lr=0.05",
+        "lr=0.05 +rescale",
+    }
     base, rescaled = res["variants"]["lr=0.01"], res["variants"]["lr=0.01 +rescale"]
     assert set(base["curve"]) == {"0", "1", "2", "3"}
     assert base["curve"]["2"] == pytest.approx(base["psnr"])
@@ -121,6 +162,37 @@ def test_evaluate_reports_rescaling_lrs_and_the_curve(text_run):
 
     rand = evaluate.evaluate(str(text_run), test_steps=2, horizon=2, signals_limit=2, init="random")
     assert rand["outer_steps"] == 0 and rand["variants"]["lr=0.01"]["psnr"] != base["psnr"]
+
+
+def test_pruned_column_adapts_on_the_kept_points(text_run):
+    # Figure 11: steps on the pruned context, PSNR measured on the full context
+    res = evaluate.evaluate(str(text_run), test_steps=2, horizon=2, signals_limit=2)
+    pruned = res["variants"]["lr=0.01 pruned"]
+    assert pruned["pruned"] and not pruned["rescale"]
+    assert res["pruner_ratio"] == 0.25
+    r = evaluate.load_run(str(text_run))
+    model, cfg, signals = r["model"], r["config"], r["signals"]
+    x, y = signals.context(signals.test[:2])
+    params = ncp.adapt(model, x, y, cfg, steps=2, prune=True)
+    assert params.kept_indices.shape[-1] == round(0.25 * x.shape[1])
+    with torch.no_grad():
+        pred = ncp.forward(model, params, x).clamp(0, 1)
+    expected = psnr(pred, y, signals.data_range).mean().item()
+    assert pruned["psnr"] == pytest.approx(expected, rel=1e-5)
+    assert pruned["psnr"] != res["variants"]["lr=0.01"]["psnr"]
+
+
+def test_maml_rescale_ratio_defaults_to_the_data_sets_paper_ratio(tmp_path):
+    out = tmp_path / "climate_maml"
+    argv = ["--smoke", "--data", "grid_file", "--root", str(_grid_file(tmp_path))]
+    argv += ["--variable", "T2M", "--grid-stride", "1"]
+    train.main([*argv, "--method", "maml", "--out", str(out)])
+    res = evaluate.evaluate(str(out), test_steps=1, horizon=1, signals_limit=1)
+    assert res["pruner_ratio"] == 0.5 and "lr=0.01 pruned" in res["variants"]
+    res = evaluate.evaluate(str(out), test_steps=1, horizon=1, signals_limit=1, rescale_ratio=0.1)
+    assert res["pruner_ratio"] == 0.1
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(out), "--rescale-ratio", "2"])
 
 
 def test_rescale_config_gives_maml_a_pruner():
@@ -204,20 +276,127 @@ def test_every_signal_kind_trains_and_evaluates(tmp_path, data, make_root, extra
     assert ("ssim" in v) == (data == "video_folder")
 
 
-def test_reproduce_commands_and_empty_report(tmp_path):
-    cmds = reproduce.commands("text_gradncp", str(tmp_path))
+def test_reproduce_commands_carry_the_paper_settings_and_the_seed(tmp_path):
+    cmds = reproduce.commands("text_gradncp", str(tmp_path), seed=2)
     train_cmd = " ".join(cmds[0])
     assert "--method gradncp" in train_cmd and "--data text" in train_cmd
-    assert "--ratio" not in train_cmd  # paper default 0.25 from train.PAPER
+    assert "--ratio 0.25 --inner-steps 16" in train_cmd and "--seed 2" in train_cmd
+    assert f"--out {tmp_path / 'text_gradncp_s2'}" in train_cmd
+    for data in ("speech", "climate"):  # the paper's 0.5 for LibriSpeech and ERA5, K = 4 / 0.5
+        flags = " ".join(reproduce.commands(f"{data}_gradncp", str(tmp_path))[0])
+        assert "--ratio 0.5 --inner-steps 8" in flags, data
+        flags = " ".join(reproduce.commands(f"{data}_maml", str(tmp_path))[0])
+        assert "--method maml --inner-steps 4" in flags and "--ratio" not in flags
+    ratio = " ".join(reproduce.commands("text_ratio0.1", str(tmp_path))[0])
+    assert "--ratio 0.1 --inner-steps 16" in ratio  # the paper's ablations keep K = 16
     assert len(reproduce.commands("speech_maml", str(tmp_path))) == 3  # + random init
     assert set(g for g, _, _ in reproduce.RUNS.values()) == set(reproduce.GROUPS)
     text = reproduce.report(str(tmp_path))
-    assert "| text | MAML K=4 | - | not run |" in text
+    assert "| text | MAML K=4 | 0 | - | not run |" in text
+    assert "| climate | GradNCP K=8 r=0.5 | 0 |" in text
+
+
+def test_reproduce_runs_every_seed_in_its_own_folder(tmp_path):
+    printed = reproduce.main(
+        ["commands", "--runs", "climate_maml", "--seeds", "0", "1", "2", "--out", str(tmp_path)]
+    )
+    lines = printed.splitlines()
+    assert len(lines) == 9  # train, evaluate, evaluate the random init; three seeds
+    for seed in (0, 1, 2):
+        assert sum(f"climate_maml_s{seed} " in line for line in lines) == 3
+        assert sum(f"--seed {seed}" in line for line in lines) == 1
+
+
+def test_mean_ci_is_student_t():
+    mean, half = reproduce.mean_ci([1.0, 2.0, 3.0])
+    # t_{0.975, 2} = 4.3027; sd = 1; half-width = 4.3027 / sqrt(3)
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert reproduce.mean_ci([5.0]) == (5.0, None)
+    assert reproduce.cell([5.0]) == "5.00 (1 seed)" and reproduce.cell([]) == "not run"
+    assert reproduce.cell([1.0, 2.0, 3.0]) == "2.00 ± 2.48"
+    with pytest.raises(ValueError, match="empty"):
+        reproduce.mean_ci([])
+
+
+def test_report_pools_the_seeds(tmp_path):
+    for seed, value in enumerate((30.0, 32.0, 34.0)):
+        run = tmp_path / f"text_gradncp_s{seed}"
+        run.mkdir()
+        variants = {
+            v: {"psnr": value + i, "curve": {"4": value - 10, "16": value + i}}
+            for i, v in enumerate(("lr=0.01", "lr=0.01 +rescale", "lr=0.01 pruned"))
+        }
+        (run / "eval_trained.json").write_text(json.dumps({"variants": variants}))
+    (tmp_path / "text_gradncp_s0_old").mkdir()  # not a seed folder of this run
+    assert reproduce.values(str(tmp_path), "text_gradncp", "lr=0.01 pruned") == [32.0, 34.0, 36.0]
+    text = reproduce.report(str(tmp_path))
+    half = f"{4.302653 * 2 / math.sqrt(3):.2f}"
+    row = f"| text | GradNCP K=16 r=0.25 | 3 | - | 32.00 ± {half} | - | 33.00 ± {half} "
+    assert row + f"| 34.00 ± {half} |" in text
+    assert "| text | gradncp pruned | 22.00 ± " in text  # PSNR@4 of the pruned curve
+
+
+def test_reproduce_rejects_bad_options(capsys):
+    for argv, message in (
+        (["run", "--set", "steps"], "KEY=VALUE"),
+        (["run", "--set", "stepz=3"], "KEY=VALUE"),
+        (["run", "--set", "steps=many"], "needs a int value, got 'many'"),
+        (["run", "--runs", "nope"], "not runs of preset 'cpu'"),
+        (["run", "--root", "x"], "--root is for --preset gpu"),
+        (["run", "--seeds", "-1"], "--seeds must be >= 0"),
+        (["run", "--preset", "gpu", "--only", "table1"], "with gpu use --runs"),
+    ):
+        with pytest.raises(SystemExit):
+            reproduce.main(argv)
+        assert message in capsys.readouterr().err, argv
+
+
+def test_size64_preset_is_the_papers_siren_on_bigger_signals(tmp_path):
+    cmds = [
+        " ".join(reproduce.commands(n, str(tmp_path), preset="size64")[0])
+        for n in reproduce.SIZE64_RUNS
+    ]
+    assert len(cmds) == 6
+    assert all("--hidden 256 --layers 5" in c and "--resolution 64" in c for c in cmds)
+    speech = [c for c in cmds if "--data speech" in c]
+    assert all("--seconds 1.0 " in c and "--audio-bound 50.0" in c for c in speech)
+    assert "--ratio 0.5 --inner-steps 8" in speech[1]
+
+
+def test_gpu_preset_runs_tiny_on_cpu_and_writes_its_row(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "faces"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    out = tmp_path / "gpu"
+    tiny = ["steps=2", "resolution=16", "hidden=16", "layers=2", "batch=2", "eval_every=2"]
+    tiny += ["eval_signals=1", "ckpt_every=2", "test_steps=2"]
+    cmds = reproduce.commands("deep_sky178_gradncp", str(out), preset="gpu", device="cuda")
+    full = " ".join(cmds[0])
+    assert "--resolution 178 --test-steps 16" in full and "--hidden 256 --layers 5" in full
+    assert "--inner-steps 16" in full and "--device cuda" in full and "--batch 8" in full
+    assert "--device cuda" in " ".join(cmds[1])
+    argv = ["run", "--preset", "gpu", "--device", "cpu", "--seeds", "0", "--out", str(out)]
+    printed = reproduce.main([*argv, "--root", str(root), "--set", *tiny])
+    table = (out / reproduce.GPU_TABLE).read_text()
+    assert table.strip() == printed.strip()
+    header, _, row = table.strip().splitlines()
+    assert "MAML K=4 | GradNCP K=16 | GradNCP +rescale | GradNCP pruned" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0].startswith("image_folder (image 16x16x3)") and cells[1:3] == ["2", "1"]
+    assert all(c.endswith("(1 seed)") for c in cells[3:7]), cells
+    saved = cells[7].split(" / ")
+    assert len(saved) == 2 and all(float(v) >= 0 for v in saved) and cells[8] == "- / -"
+    res = json.loads((out / "deep_sky178_gradncp_s0" / "eval_trained.json").read_text())
+    assert res["outer_steps"] == 2 and res["inner_steps"] == 16
 
 
 def test_reproduce_skips_finished_commands(tmp_path):
     train_cmd, eval_cmd, _ = reproduce.commands("speech_maml", str(tmp_path))
-    run = tmp_path / "speech_maml"
+    run = tmp_path / "speech_maml_s0"
     run.mkdir()
     assert not reproduce._done(train_cmd, str(run))  # no checkpoint yet
     (run / "checkpoint.pt").write_bytes(b"")
@@ -233,3 +412,28 @@ def test_reproduce_skips_finished_commands(tmp_path):
     os.utime(run / "eval_trained.json", None)
     os.utime(run / "checkpoint.pt", (1, 1))
     assert reproduce._done(eval_cmd, str(run))
+
+
+def test_gradnorm_ratio_of_pruned_to_full_gradient(text_run):
+    from examples.neural_fields import gradnorm
+
+    torch.manual_seed(0)
+    model = train.Siren(2, 1, hidden=8, layers=2)
+    x, y = torch.rand(2, 40, 2), torch.rand(2, 40, 1)
+    torch.testing.assert_close(gradnorm.grad_ratios(model, x, y, 1.0, 2), torch.ones(2, 2))
+    r = gradnorm.grad_ratios(model, x, y, 0.5, 1)
+    cfg = ncp.MetaConfig(inner_steps=1, pruner=ncp.ContextPruner(ratio=0.5), bootstrap=None)
+    kept = ncp.adapt(model, x, y, cfg, prune=True).kept_indices[0]
+    for t in range(2):  # by hand: the same norms with torch.autograd on the module itself
+        full = ((model(x[t]) - y[t]) ** 2).mean()
+        pruned = ((model(x[t, kept[t]]) - y[t, kept[t]]) ** 2).mean()
+        gf = torch.autograd.grad(full, list(model.parameters()))
+        gp = torch.autograd.grad(pruned, list(model.parameters()))
+        norm = lambda gs: torch.sqrt(sum((g**2).sum() for g in gs))  # noqa: E731
+        assert r[0, t].item() == pytest.approx((norm(gp) / norm(gf)).item(), rel=1e-5)
+    lines = gradnorm.main(
+        ["--run", str(text_run), "--ratios", "0.5", "--steps", "2", "--signals", "2"]
+    )
+    assert lines[1].startswith("ratio 0.5 (at most 2): ") and "| max " in lines[1]
+    with pytest.raises(SystemExit):
+        gradnorm.main(["--run", str(text_run), "--ratios", "0"])

@@ -1,17 +1,20 @@
-"""MAML against GradNCP at equal memory, over several seeds: the paper's Table 12 protocol.
+"""MAML against GradNCP (global and class-balanced pruning) at equal memory, over several seeds:
+the paper's Table 12 protocol.
 
 Run from the repository root::
 
     python -m examples.many_shot.compare --data glyphs --ways 5 --shots 100 --seeds 0 1 2 \\
-        --out runs/many_shot/glyphs-5w100s
+        --fit-memory --out runs/many_shot/glyphs-5w100s
 
-Takes every flag of :mod:`examples.many_shot.train` (``--run-dir`` excepted) and runs each
-method and seed in ``OUT/METHOD-sSEED`` (a rerun resumes unfinished runs and reuses finished
-ones), then writes ``OUT/summary.json`` and ``OUT/summary.md``: per method, the test accuracy
-of each seed (mean and 95 % confidence interval over its test episodes), the mean and standard
-deviation over seeds (as the paper reports), and the bytes one outer step saves for backward.
-With ``--match-memory`` GradNCP's horizon is the longest whose measured saved bytes fit MAML's
-(instead of the paper's ``maml_steps / ratio`` rule).
+Takes every flag of :mod:`examples.many_shot.train` (``--run-dir`` and ``--method`` excepted)
+and runs each arm (``maml``, ``gradncp``: the paper's global top-k, ``gradncp-balanced``:
+``--balance``) and seed in ``OUT/ARM-sSEED`` (a rerun resumes unfinished runs and reuses
+finished ones), then writes ``OUT/summary.json`` and ``OUT/summary.md``: per arm and per
+evaluation mode, the validation and test accuracy of each seed, their mean, standard deviation
+and 95 % confidence interval over seeds, and the headline mode, the one with the best mean
+validation accuracy (never chosen on test). With ``--fit-memory`` GradNCP keeps the paper's
+horizon ``maml_steps / ratio`` and, when the measured saved bytes of one outer step exceed
+MAML's, its bootstrap is chunked until they fit (:func:`budget.fit_boot_chunk`).
 """
 
 from __future__ import annotations
@@ -21,156 +24,262 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from scipy import stats
 
-from .budget import match_steps
+from .budget import fit_boot_chunk
 from .episodes import EpisodeSampler
 from .model import build_model
-from .train import METHODS, RunConfig, add_arguments, config_from_args, load_splits, meta_config
+from .train import (
+    EVAL_MODES,
+    RunConfig,
+    add_arguments,
+    config_from_args,
+    learned_lr,
+    load_splits,
+    meta_config,
+)
 from .train import run as run_one
 
+# The compared arms: a method and its pruning rule.
+ARMS: Dict[str, Dict[str, Any]] = {
+    "maml": {"method": "maml", "balance": False},
+    "gradncp": {"method": "gradncp", "balance": False},
+    "gradncp-balanced": {"method": "gradncp", "balance": True},
+}
 
-def matched_steps(cfg: RunConfig) -> Dict[str, int]:
-    """GradNCP's horizon fitted into MAML's measured budget on one training episode."""
+
+def arm_config(base: RunConfig, arm: str, seed: int, out: Path) -> RunConfig:
+    """The run configuration of ``arm`` and ``seed`` under ``out``."""
+    if arm not in ARMS:
+        raise ValueError(f"`--arms` entries must be in {list(ARMS)}, got {arm!r}.")
+    return dataclasses.replace(base, **ARMS[arm], seed=seed, run_dir=str(out / f"{arm}-s{seed}"))
+
+
+def fit_memory(cfg: RunConfig, slack: float = 0.01) -> Dict[str, Any]:
+    """Measure MAML's and GradNCP's saved bytes (GradNCP at ``cfg``'s horizon, global top-k)
+    on one training episode and the bootstrap chunk that makes GradNCP fit; see
+    :func:`examples.many_shot.budget.fit_boot_chunk`."""
     splits = load_splits(cfg)
-    model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed).to(
-        torch.device(cfg.device)
-    )
+    device = torch.device(cfg.device)
+    model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed)
+    model = model.to(device)
     sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
-    batch = sampler.sample(1).to(torch.device(cfg.device)).batch()
-    steps, used, budget = match_steps(
-        model, batch, meta_config(cfg, "maml"), meta_config(cfg, "gradncp")
+    batch = sampler.sample(1).to(device).batch()
+    gradncp = dataclasses.replace(cfg, method="gradncp", balance=False)
+    out = fit_boot_chunk(
+        model,
+        batch,
+        meta_config(cfg, "maml"),
+        meta_config(gradncp),
+        learned_lr=(learned_lr(cfg, model, "maml"), learned_lr(gradncp, model)),
+        slack=slack,
     )
-    return {"inner_steps": steps, "gradncp_bytes": used, "maml_bytes": budget}
-
-
-def summarise(results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Per method: each seed's test mean and CI, and mean and std over seeds."""
-    out: Dict[str, Any] = {}
-    for method, runs in results.items():
-        means = [r["test"]["mean"] for r in runs]
-        entry: Dict[str, Any] = {
-            "inner_steps": runs[0]["inner_steps"],
-            "test_steps": runs[0]["test_steps"],
-            "saved_bytes_per_task": runs[0]["saved_bytes_per_task"],
-            "seeds": [
-                {"seed": r["config"]["seed"], "mean": r["test"]["mean"], "ci95": r["test"]["ci95"]}
-                for r in runs
-            ],
-            "mean_over_seeds": float(np.mean(means)),
-            "std_over_seeds": float(np.std(means, ddof=1)) if len(means) > 1 else None,
-            "episodes_per_seed": runs[0]["test"]["episodes"],
-            "train_seconds": [r["train_seconds"] for r in runs],
-        }
-        if all("test_no_rescale" in r for r in runs):
-            plain = [r["test_no_rescale"]["mean"] for r in runs]
-            entry["no_rescale_mean_over_seeds"] = float(np.mean(plain))
-            entry["no_rescale_std_over_seeds"] = (
-                float(np.std(plain, ddof=1)) if len(plain) > 1 else None
-            )
-        out[method] = entry
+    out["maml_steps"] = cfg.maml_steps
+    out["gradncp_steps"] = gradncp.horizon
     return out
 
 
+def seed_stats(values: Sequence[float]) -> Dict[str, Any]:
+    """Mean, sample standard deviation and the half-width of the 95 % Student-t confidence
+    interval over seeds (``t_{0.975, n-1} * std / sqrt(n)``; None for one seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return {"mean": float(v.mean()), "std": None, "ci95": None, "n": int(v.size)}
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, v.size - 1) * std / np.sqrt(v.size))
+    return {"mean": float(v.mean()), "std": std, "ci95": half, "n": int(v.size)}
+
+
+def summarise(results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Per arm: every (split, mode) over seeds, the headline mode chosen on validation, and the
+    class coverage of the pruned steps."""
+    out: Dict[str, Any] = {}
+    for arm, runs in results.items():
+        evals = [r.get("eval", {}) for r in runs]
+        splits = [s for s in ("val", "test") if all(s in e for e in evals)]
+        table: Dict[str, Dict[str, Any]] = {}
+        for split in splits:
+            modes = [m for m in EVAL_MODES if all(m in e[split] for e in evals)]
+            table[split] = {
+                mode: {
+                    **seed_stats([e[split][mode]["mean"] for e in evals]),
+                    "seeds": [e[split][mode]["mean"] for e in evals],
+                    "episode_ci95": [e[split][mode]["ci95"] for e in evals],
+                    "episodes": evals[0][split][mode]["episodes"],
+                }
+                for mode in modes
+            }
+        headline = None
+        if table.get("val"):
+            headline = max(table["val"], key=lambda m: table["val"][m]["mean"])
+        covers = [r["training_coverage"] for r in runs if r.get("training_coverage")]
+        test_cover = [
+            e["test"]["pruned"]["coverage"]
+            for e in evals
+            if "test" in e and "pruned" in e["test"] and e["test"]["pruned"].get("coverage")
+        ]
+        out[arm] = {
+            "inner_steps": runs[0]["inner_steps"],
+            "test_steps": runs[0]["test_steps"],
+            "outer_steps": runs[0]["config"]["outer_steps"],
+            "boot_chunk": runs[0]["config"].get("boot_chunk"),
+            "saved_bytes_per_task": runs[0]["saved_bytes_per_task"],
+            "seeds": [r["config"]["seed"] for r in runs],
+            "eval": table,
+            "headline_mode": headline,
+            "headline_test": None
+            if headline is None or headline not in table.get("test", {})
+            else table["test"][headline],
+            "training_coverage": None
+            if not covers
+            else {k: float(np.mean([c[k] for c in covers])) for k in ("missing", "min_share")},
+            "test_pruned_coverage": None
+            if not test_cover
+            else {k: float(np.mean([c[k] for c in test_cover])) for k in ("missing", "min_share")},
+            "train_seconds": [r["train_seconds"] for r in runs],
+        }
+    return out
+
+
+def _pct(s: Dict[str, Any] | None) -> str:
+    if s is None:
+        return ""
+    ci = "" if s["ci95"] is None else f" +- {100 * s['ci95']:.2f}"
+    return f"{100 * s['mean']:.2f}{ci}"
+
+
 def markdown(summary: Dict[str, Any], title: str) -> str:
-    """A small table of :func:`summarise`'s output, accuracies in %."""
+    """Tables of :func:`summarise`'s output, accuracies in % (mean +- 95 % CI over seeds)."""
     lines = [
         f"**{title}**",
         "",
-        "| method | K train | K test | saved MB / task | test acc. (mean +- std over seeds) | per seed (mean +- 95 % CI) |",
-        "|---|---|---|---|---|---|",
+        "| arm | K train | K test | saved MB / task | headline mode (val) | headline test acc. |"
+        " per-seed test acc. |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method, s in summary.items():
-        std = "" if s["std_over_seeds"] is None else f" +- {100 * s['std_over_seeds']:.2f}"
-        seeds = ", ".join(f"{100 * x['mean']:.2f} +- {100 * x['ci95']:.2f}" for x in s["seeds"])
+    for arm, s in summary.items():
+        head = s["headline_test"]
+        seeds = "" if head is None else ", ".join(f"{100 * v:.2f}" for v in head["seeds"])
         lines.append(
-            f"| {method} | {s['inner_steps']} | {s['test_steps']} | "
-            f"{s['saved_bytes_per_task'] / 1e6:.1f} | {100 * s['mean_over_seeds']:.2f}{std} | {seeds} |"
+            f"| {arm} | {s['inner_steps']} | {s['test_steps']} | "
+            f"{s['saved_bytes_per_task'] / 1e6:.1f} | {s['headline_mode'] or ''} | "
+            f"{_pct(head)} | {seeds} |"
         )
-        if "no_rescale_mean_over_seeds" in s:
-            nstd = s["no_rescale_std_over_seeds"]
-            nstd_s = "" if nstd is None else f" +- {100 * nstd:.2f}"
+    lines += [
+        "",
+        "| arm | split | " + " | ".join(EVAL_MODES) + " |",
+        "|---|---|" + "---|" * len(EVAL_MODES),
+    ]
+    for arm, s in summary.items():
+        for split, modes in s["eval"].items():
+            cells = " | ".join(_pct(modes.get(m)) for m in EVAL_MODES)
+            lines.append(f"| {arm} | {split} | {cells} |")
+    covered = {a: s for a, s in summary.items() if s["training_coverage"]}
+    if covered:
+        lines += [
+            "",
+            "| arm | (step, task) pairs missing a class: training | test, pruned mode |"
+            " smallest class's share: training | test, pruned mode |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, s in summary.items():
+            tr, te = s["training_coverage"], s["test_pruned_coverage"]
+            if tr is None and te is None:
+                continue
+
+            def f(c: Dict[str, float] | None, k: str) -> str:
+                return "" if c is None else f"{100 * c[k]:.1f} %"
+
             lines.append(
-                f"| {method}, no test-time rescaling | | | | "
-                f"{100 * s['no_rescale_mean_over_seeds']:.2f}{nstd_s} | |"
+                f"| {arm} | {f(tr, 'missing')} | {f(te, 'missing')} | {f(tr, 'min_share')} | "
+                f"{f(te, 'min_share')} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _title(cfg: Dict[str, Any], seeds: Sequence[int]) -> str:
+    return (
+        f"{cfg['data']}, {cfg['ways']}-way {cfg['shots']}-shot, "
+        f"{cfg['image_size']}x{cfg['image_size']}, Conv4-{cfg['hidden']}, "
+        f"{cfg['outer_steps']} outer steps, seeds {list(seeds)}"
+    )
 
 
 def compare(
     base: RunConfig,
     out: Path,
     seeds: Sequence[int],
-    methods: Sequence[str] = METHODS,
-    match_memory: bool = False,
+    arms: Sequence[str] = tuple(ARMS),
+    memory: bool = False,
+    slack: float = 0.01,
 ) -> Dict[str, Any]:
-    """Run every method and seed under ``out`` and write the summary files."""
+    """Run every arm and seed under ``out`` and write the summary files; with ``memory``,
+    first fit GradNCP's bootstrap chunk into MAML's measured budget plus ``slack``
+    (:func:`fit_memory`)."""
     out.mkdir(parents=True, exist_ok=True)
     budget = None
-    if match_memory:
-        budget = matched_steps(base)
-        base = dataclasses.replace(base, inner_steps=budget["inner_steps"])
-    results: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
+    if memory:
+        budget = fit_memory(base, slack)
+        base = dataclasses.replace(base, boot_chunk=budget["boot_chunk"])
+    results: Dict[str, List[Dict[str, Any]]] = {a: [] for a in arms}
     for seed in seeds:
-        for method in methods:
-            cfg = dataclasses.replace(
-                base, method=method, seed=seed, run_dir=str(out / f"{method}-s{seed}")
-            )
+        for arm in arms:
+            cfg = arm_config(base, arm, seed, out)
             done = Path(cfg.run_dir) / "result.json"
             if done.is_file() and not cfg.restart:
                 prior = json.loads(done.read_text())
                 if prior["config"] == cfg.to_dict():
-                    results[method].append(prior)
+                    results[arm].append(prior)
                     continue
-            results[method].append(run_one(cfg))
-    summary = {"summary": summarise(results), "matched_memory": budget, "config": base.to_dict()}
+            results[arm].append(run_one(cfg))
+    summary = {"summary": summarise(results), "memory": budget, "config": base.to_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    title = (
-        f"{base.data}, {base.ways}-way {base.shots}-shot, {base.image_size}x{base.image_size}, "
-        f"Conv4-{base.hidden}, {base.outer_steps} outer steps, seeds {list(seeds)}"
-    )
-    (out / "summary.md").write_text(markdown(summary["summary"], title))
+    (out / "summary.md").write_text(markdown(summary["summary"], _title(base.to_dict(), seeds)))
     return summary
 
 
 def summarise_dir(out: Path) -> Dict[str, Any]:
-    """Summarise the finished runs under ``out`` (``METHOD-sSEED/result.json``) without running
+    """Summarise the finished runs under ``out`` (``ARM-sSEED/result.json``) without running
     anything; writes ``summary.json`` and ``summary.md`` there."""
     results: Dict[str, List[Dict[str, Any]]] = {}
-    for method in METHODS:
-        paths = sorted(out.glob(f"{method}-s*/result.json"))
-        runs = [json.loads(p.read_text()) for p in paths]
+    for arm in ARMS:
+        runs = [json.loads(p.read_text()) for p in out.glob(f"{arm}-s*/result.json")]
         if runs:
-            results[method] = sorted(runs, key=lambda r: r["config"]["seed"])
+            results[arm] = sorted(runs, key=lambda r: r["config"]["seed"])
     if not results:
-        raise FileNotFoundError(f"no finished run (METHOD-sSEED/result.json) under {out}.")
+        raise FileNotFoundError(f"no finished run (ARM-sSEED/result.json) under {out}.")
     first = next(iter(results.values()))[0]["config"]
     seeds = sorted({r["config"]["seed"] for runs in results.values() for r in runs})
-    summary = {"summary": summarise(results), "matched_memory": None, "config": first}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    title = (
-        f"{first['data']}, {first['ways']}-way {first['shots']}-shot, "
-        f"{first['image_size']}x{first['image_size']}, Conv4-{first['hidden']}, "
-        f"{first['outer_steps']} outer steps, seeds {seeds}"
-    )
-    (out / "summary.md").write_text(markdown(summary["summary"], title))
+    summary = {"summary": summarise(results), "memory": None, "config": first}
+    prior = out / "summary.json"
+    if prior.is_file():
+        summary["memory"] = json.loads(prior.read_text()).get("memory")
+    prior.write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(summary["summary"], _title(first, seeds)))
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
-    """CLI entry point; prints the summary table."""
+def parse(argv: Sequence[str] | None) -> Tuple[argparse.Namespace, RunConfig]:
+    """Parse compare's flags and the run flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--out", default="runs/many_shot/compare")
     parser.add_argument(
-        "--match-memory",
+        "--fit-memory",
         action="store_true",
-        help="fit GradNCP's horizon into MAML's measured saved bytes",
+        help="measure saved bytes and chunk GradNCP's bootstrap until it fits MAML's budget",
+    )
+    parser.add_argument(
+        "--memory-slack",
+        type=float,
+        default=0.01,
+        help="with --fit-memory: tolerated excess over MAML's saved bytes (fraction)",
     )
     parser.add_argument(
         "--summarise-only",
@@ -178,13 +287,18 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         help="only summarise the finished runs under --out",
     )
     args = parser.parse_args(argv)
+    return args, config_from_args(args)
+
+
+def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
+    """CLI entry point; prints the summary tables."""
+    args, base = parse(argv)
+    out = Path(args.out)
     if args.summarise_only:
-        summary = summarise_dir(Path(args.out))
-        print((Path(args.out) / "summary.md").read_text(), file=sys.stderr)
-        return summary
-    base = config_from_args(args)
-    summary = compare(base, Path(args.out), args.seeds, args.methods, args.match_memory)
-    print((Path(args.out) / "summary.md").read_text(), file=sys.stderr)
+        summary = summarise_dir(out)
+    else:
+        summary = compare(base, out, args.seeds, args.arms, args.fit_memory, args.memory_slack)
+    print((out / "summary.md").read_text(), file=sys.stderr)
     return summary
 
 

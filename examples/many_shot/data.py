@@ -253,7 +253,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_fashion_mnist(
-    folder: str | os.PathLike, *, image_size: int = 28, train_classes: int = 5, split_seed: int = 0
+    folder: str | os.PathLike,
+    *,
+    image_size: int = 28,
+    train_classes: int = 5,
+    split_seed: int = 0,
+    val_per_class: int = 0,
 ) -> Dict[str, ClassImages]:
     """Fashion-MNIST (all 70,000 images) split by class into ``train`` and ``test``.
 
@@ -263,14 +268,20 @@ def load_fashion_mnist(
         image_size: side the 28x28 images are resized to.
         train_classes: classes for meta-training; the other ``10 - train_classes`` are test
             classes. Five each allows 5-way episodes on both; there is no validation split.
-        split_seed: seed of the class shuffle.
+        split_seed: seed of the class shuffle (and of the validation images).
+        val_per_class: hold out this many images of every *training* class as a ``val`` split
+            (image-disjoint from ``train``, not class-disjoint: ten classes are too few for a
+            third class split). 0 gives no ``val`` split.
 
     Returns:
-        ``{"train": ClassImages, "test": ClassImages}``, grey arrays ``(n, 1, size, size)``.
+        ``{"train": ClassImages, "test": ClassImages}`` (and ``"val"`` when ``val_per_class``
+        > 0), grey arrays ``(n, 1, size, size)``.
     """
     _check_size(image_size)
     if not 1 <= train_classes <= 9:
         raise ValueError(f"`train_classes` must be in [1, 9], got {train_classes!r}.")
+    if isinstance(val_per_class, bool) or not isinstance(val_per_class, int) or val_per_class < 0:
+        raise ValueError(f"`val_per_class` must be an int >= 0, got {val_per_class!r}.")
     folder = Path(folder)
     parts = []
     for prefix in ("train", "t10k"):
@@ -293,9 +304,10 @@ def load_fashion_mnist(
     labels = np.concatenate([p[1] for p in parts])
     if images.shape[1:] != (image_size, image_size):
         images = np.stack([_to_array(Image.fromarray(im), image_size, 1)[0] for im in images])
-    order = np.random.default_rng(split_seed).permutation(10)
+    rng = np.random.default_rng(split_seed)
+    order = rng.permutation(10)
     splits = {"train": order[:train_classes], "test": order[train_classes:]}
-    return {
+    out = {
         name: ClassImages(
             name,
             tuple(FASHION_CLASSES[c] for c in cls),
@@ -303,6 +315,25 @@ def load_fashion_mnist(
         )
         for name, cls in splits.items()
     }
+    if val_per_class:
+        train = out["train"]
+        if val_per_class >= train.min_per_class:
+            raise ValueError(
+                f"`val_per_class` must be below the {train.min_per_class} images of the smallest "
+                f"training class, got {val_per_class}; hold out fewer images."
+            )
+        picks = [rng.permutation(len(a)) for a in train.images]
+        out["val"] = ClassImages(
+            "val",
+            train.classes,
+            tuple(a[p[:val_per_class]] for a, p in zip(train.images, picks, strict=True)),
+        )
+        out["train"] = ClassImages(
+            "train",
+            train.classes,
+            tuple(a[p[val_per_class:]] for a, p in zip(train.images, picks, strict=True)),
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- glyphs

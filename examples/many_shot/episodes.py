@@ -136,3 +136,20 @@ class EpisodeSampler:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore the stream saved by :meth:`state_dict`."""
         self.rng.bit_generator.state = state["bit_generator"]
+
+
+def shuffle_support(ep: Episodes, generator: torch.Generator | None = None) -> Episodes:
+    """The episodes with each task's support points in a random order (images and labels moved
+    together; the query set untouched).
+
+    :meth:`EpisodeSampler.sample` returns the support sorted by label. Nothing in MAML or in
+    GradNCP's scoring and top-k depends on that order, but a bootstrap computed in chunks
+    (``BootstrapMetaLoss(chunk_size=...)``) does: with batch norm each chunk is normalised with
+    its own statistics, and a chunk of a sorted support holds one or two classes only.
+    Shuffling makes every chunk a random sample of the support set.
+    """
+    tasks, points = ep.support_y.shape
+    perm = torch.stack([torch.randperm(points, generator=generator) for _ in range(tasks)])
+    perm = perm.to(ep.support_y.device)
+    rows = torch.arange(tasks, device=perm.device).unsqueeze(1)
+    return ep._replace(support_x=ep.support_x[rows, perm], support_y=ep.support_y[rows, perm])

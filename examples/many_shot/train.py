@@ -8,7 +8,8 @@ Run from the repository root::
 Every setting is a flag (``--help``). A run folder holds ``config.json``, ``metrics.jsonl`` (one
 JSON object per logged step), ``checkpoint.pt`` (model, optimizer, random states, step and
 sampler state; a rerun with the same folder resumes from it exactly) and ``result.json`` (test
-accuracy, mean and 95 % confidence interval over the test episodes).
+accuracy on validation and test episodes for each evaluation mode, mean and 95 % confidence
+interval over the episodes).
 """
 
 from __future__ import annotations
@@ -22,21 +23,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import ncp
 
 from . import data
 from .budget import saved_bytes
-from .episodes import EpisodeSampler
+from .episodes import EpisodeSampler, shuffle_support
 from .model import Conv4, build_model, count_parameters
 
 METHODS = ("maml", "gradncp")
 DATASETS = ("glyphs", "fashion", "mini-imagenet")
+LEARNED_LR = ("step", "parameter", "none")
+# Test-time adaptation modes: full-context steps, full-context steps rescaled to the pruned
+# context's gradient norm (GradRescaler), and steps on the pruned context itself.
+EVAL_MODES = ("plain", "rescaled", "pruned")
 # Settings that must not change when a run resumes (the rest: horizon, logging, evaluation).
 _FROZEN = (
     "data",
@@ -45,6 +51,7 @@ _FROZEN = (
     "fonts",
     "variants",
     "split_seed",
+    "fashion_val",
     "ways",
     "shots",
     "queries",
@@ -58,7 +65,10 @@ _FROZEN = (
     "first_order",
     "ratio",
     "score",
+    "balance",
+    "learned_lr",
     "boot_steps",
+    "boot_chunk",
     "boot_lr",
     "boot_weight",
     "outer_lr",
@@ -81,6 +91,7 @@ class RunConfig:
     fonts: str = "debian"
     variants: int = 2
     split_seed: int = 0
+    fashion_val: int = 1000
     # episodes
     ways: int = 5
     shots: int = 100
@@ -97,21 +108,26 @@ class RunConfig:
     first_order: bool = False
     ratio: float = 0.25
     score: str = "gradncp"
+    balance: bool = False
+    learned_lr: str = "step"
     boot_steps: int = 5
     boot_lr: float | None = None
     boot_weight: float = 100.0
+    boot_chunk: int | None = None
     # outer loop
     outer_steps: int = 500
     outer_lr: float = 1e-3
-    clip: float | None = None
+    clip: float | None = 1.0
     seed: int = 0
     # evaluation
     eval_episodes: int = 600
+    val_episodes: int = 200
     eval_tasks: int = 10
     test_steps: int | None = None
     eval_seed: int = 1234
     rescale: str = "grad"
-    plain_eval: bool = True
+    eval_modes: Tuple[str, ...] = EVAL_MODES
+    eval_splits: Tuple[str, ...] = ("val", "test")
     # running
     device: str = "cpu"
     threads: int | None = None
@@ -128,7 +144,8 @@ class RunConfig:
             "method": METHODS,
             "fonts": ("builtin", "debian"),
             "norm": ("batch", "group"),
-            "rescale": ("grad", "loss", "none"),
+            "rescale": ("grad", "loss"),
+            "learned_lr": LEARNED_LR,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -136,11 +153,38 @@ class RunConfig:
                     f"`--{name.replace('_', '-')}` must be one of {list(allowed)}, got "
                     f"{getattr(self, name)!r}."
                 )
-        for name in ("outer_steps", "eval_episodes", "eval_tasks", "log_every", "ckpt_every"):
+        self.eval_modes = tuple(self.eval_modes)
+        self.eval_splits = tuple(self.eval_splits)
+        for name, allowed in (("eval_modes", EVAL_MODES), ("eval_splits", ("val", "test"))):
+            bad = [m for m in getattr(self, name) if m not in allowed]
+            if bad or not getattr(self, name):
+                raise ValueError(
+                    f"`--{name.replace('_', '-')}` takes one or more of {list(allowed)}, got "
+                    f"{list(getattr(self, name))!r}."
+                )
+        for name in (
+            "outer_steps",
+            "eval_episodes",
+            "val_episodes",
+            "eval_tasks",
+            "log_every",
+            "ckpt_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)!r}."
                 )
+        if self.boot_chunk is not None and self.boot_chunk < 1:
+            raise ValueError(
+                f"`--boot-chunk` must be >= 1 support points, got {self.boot_chunk!r}; omit it "
+                "to take each bootstrap step on the whole support set at once."
+            )
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(
+                f"`--clip` must be > 0, got {self.clip!r}; pass --no-clip for no clipping."
+            )
+        if self.fashion_val < 0:
+            raise ValueError(f"`--fashion-val` must be >= 0 images, got {self.fashion_val!r}.")
         if self.data == "mini-imagenet" and self.data_root is None:
             raise ValueError(
                 "`--data mini-imagenet` needs `--data-root`: the folder with images/ and "
@@ -168,13 +212,38 @@ class RunConfig:
         return max(1, round(self.maml_steps / self.ratio))
 
     @property
+    def bootstrap_lr(self) -> float:
+        """The bootstrap target's step size: ``boot_lr``, default 5x the inner lr."""
+        return 5 * self.inner_lr if self.boot_lr is None else self.boot_lr
+
+    @property
     def channels(self) -> int:
         """Image channels of the data set."""
         return 3 if self.data == "mini-imagenet" else 1
 
     def to_dict(self) -> Dict[str, Any]:
-        """The settings as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """The settings as a JSON-serialisable dict (tuples as lists, as JSON reads them back)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def pruner(cfg: RunConfig) -> ncp.ContextPruner:
+    """GradNCP's pruner: global top-k, or class-balanced top-k with ``cfg.balance``."""
+    if cfg.balance:
+        return ncp.ContextPruner(ratio=cfg.ratio, score=cfg.score, balance_classes=cfg.ways)
+    return ncp.ContextPruner(ratio=cfg.ratio, score=cfg.score)
+
+
+def bootstrap(cfg: RunConfig) -> ncp.BootstrapMetaLoss:
+    """GradNCP's bootstrap term; ``cfg.boot_chunk`` accumulates each target step's gradient
+    over chunks of that many support points."""
+    kw: Dict[str, Any] = {
+        "steps": cfg.boot_steps,
+        "lr": cfg.bootstrap_lr,
+        "weight": cfg.boot_weight,
+    }
+    if cfg.boot_chunk is not None:
+        kw["chunk_size"] = cfg.boot_chunk
+    return ncp.BootstrapMetaLoss(**kw)
 
 
 def meta_config(cfg: RunConfig, method: str | None = None) -> ncp.MetaConfig:
@@ -192,12 +261,19 @@ def meta_config(cfg: RunConfig, method: str | None = None) -> ncp.MetaConfig:
         inner_steps=dataclasses.replace(cfg, method="gradncp").horizon,
         inner_lr=cfg.inner_lr,
         first_order=cfg.first_order,
-        pruner=ncp.ContextPruner(ratio=cfg.ratio, score=cfg.score),
-        bootstrap=ncp.BootstrapMetaLoss(
-            steps=cfg.boot_steps,
-            lr=cfg.inner_lr if cfg.boot_lr is None else cfg.boot_lr,
-            weight=cfg.boot_weight,
-        ),
+        pruner=pruner(cfg),
+        bootstrap=bootstrap(cfg),
+    )
+
+
+def learned_lr(cfg: RunConfig, model: nn.Module, method: str | None = None) -> ncp.LearnedLR | None:
+    """The learned inner rates of ``method`` (one per step, or per parameter entry and step),
+    initialised at ``cfg.inner_lr``; None with ``--learned-lr none``."""
+    if cfg.learned_lr == "none":
+        return None
+    steps = meta_config(cfg, method).inner_steps
+    return ncp.LearnedLR(
+        model, steps=steps, init=cfg.inner_lr, per_parameter=cfg.learned_lr == "parameter"
     )
 
 
@@ -208,7 +284,12 @@ def load_splits(cfg: RunConfig) -> Dict[str, data.ClassImages]:
         return data.load_mini_imagenet(cfg.data_root, image_size=cfg.image_size)
     if cfg.data == "fashion":
         folder = data.fashion_folder() if cfg.data_root is None else Path(cfg.data_root)
-        return data.load_fashion_mnist(folder, image_size=cfg.image_size, split_seed=cfg.split_seed)
+        return data.load_fashion_mnist(
+            folder,
+            image_size=cfg.image_size,
+            split_seed=cfg.split_seed,
+            val_per_class=cfg.fashion_val,
+        )
     return data.load_glyphs(
         bank_file=cfg.data_root,
         image_size=cfg.image_size,
@@ -234,31 +315,72 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean(1)
 
 
+def class_coverage(kept: torch.Tensor, labels: torch.Tensor, ways: int) -> Dict[str, float]:
+    """How the kept points cover the classes, over every (inner step, task) pair.
+
+    Args:
+        kept: ``(steps, tasks, k)`` kept support indices (``MetaStepResult.kept_indices``).
+        labels: ``(tasks, points)`` integer support labels in ``[0, ways)``.
+        ways: number of classes.
+
+    Returns:
+        ``missing``: fraction of pairs in which at least one class has no kept point;
+        ``min_share``: the smallest class's share of the kept points, averaged over pairs;
+        ``pairs``: the number of pairs.
+    """
+    rows = torch.arange(labels.shape[0], device=labels.device)[None, :, None]
+    kept_labels = labels[rows, kept]  # (steps, tasks, k)
+    counts = torch.nn.functional.one_hot(kept_labels, ways).sum(2)  # (steps, tasks, ways)
+    smallest = counts.min(-1).values.float()
+    return {
+        "missing": (smallest == 0).float().mean().item(),
+        "min_share": (smallest / kept.shape[-1]).mean().item(),
+        "pairs": int(smallest.numel()),
+    }
+
+
+def eval_config(cfg: RunConfig) -> ncp.MetaConfig:
+    """The configuration test-time adaptation uses for every method: ``cfg.test_horizon``
+    steps, and GradNCP's pruner (for the rescaled and pruned modes, MAML's runs included)."""
+    return ncp.MetaConfig(
+        inner_steps=cfg.test_horizon, inner_lr=cfg.inner_lr, pruner=pruner(cfg), bootstrap=None
+    )
+
+
 def evaluate(
     model: Conv4,
     cfg: RunConfig,
     split: data.ClassImages,
     *,
-    rescale: str | None = None,
+    mode: str = "plain",
     episodes: int | None = None,
-) -> np.ndarray:
-    """Accuracy on each of ``episodes`` test episodes (seeded by ``cfg.eval_seed``, so every
-    method sees the same episodes).
+    rates: ncp.LearnedLR | None = None,
+) -> Tuple[np.ndarray, Dict[str, float] | None]:
+    """Accuracy on each of ``episodes`` episodes of ``split`` (seeded by ``cfg.eval_seed``, so
+    every method sees the same episodes), and the class coverage of the pruned mode.
 
-    Each episode adapts on its full support set for ``cfg.test_horizon`` first-order steps
-    (:func:`ncp.adapt`); GradNCP rescales each gradient to the pruned context's norm
-    (``rescale="grad"``, Eq. 4) unless ``rescale="none"``. MAML never rescales.
+    Each episode adapts for ``cfg.test_horizon`` first-order steps (:func:`ncp.adapt`), the same
+    for every method: on the full support set (``mode="plain"``), on the full support set with
+    each gradient rescaled to the pruned support's norm (``"rescaled"``, Eq. 4; ``cfg.rescale``
+    picks the rescaler), or on the support points the pruner keeps (``"pruned"``). ``rates``
+    are the learned inner rates (steps past their horizon reuse the last one).
     """
-    rescale = cfg.rescale if rescale is None else rescale
+    if mode not in EVAL_MODES:
+        raise ValueError(f"`mode` must be one of {list(EVAL_MODES)}, got {mode!r}.")
     episodes = cfg.eval_episodes if episodes is None else episodes
-    meta = meta_config(cfg)
-    rescaler = None
-    if cfg.method == "gradncp" and rescale != "none":
-        rescaler = ncp.GradRescaler(mode=rescale)  # type: ignore[arg-type]
+    meta = eval_config(cfg)
+    rescaler = ncp.GradRescaler(mode=cfg.rescale) if mode == "rescaled" else None  # type: ignore[arg-type]
     sampler = EpisodeSampler(split, cfg.ways, cfg.shots, cfg.queries, seed=cfg.eval_seed)
     device = torch.device(cfg.device)
+    lr_kw: Dict[str, Any] = {"lr": cfg.inner_lr} if rates is None else {"learned_lr": rates}
     accs: List[np.ndarray] = []
-    bar = tqdm(total=episodes, desc=f"eval {cfg.method}", unit="ep", disable=not cfg.progress)
+    cover: List[Dict[str, float]] = []
+    bar = tqdm(
+        total=episodes,
+        desc=f"{split.name} {cfg.method} {mode}",
+        unit="ep",
+        disable=not cfg.progress,
+    )
     done = 0
     while done < episodes:
         n = min(cfg.eval_tasks, episodes - done)
@@ -269,16 +391,25 @@ def evaluate(
             ep.support_y,
             meta,
             steps=cfg.test_horizon,
-            lr=cfg.inner_lr,
             rescaler=rescaler,
+            prune=mode == "pruned",
             loss_fn=ncp.losses.cross_entropy,
+            **lr_kw,
         )
+        if mode == "pruned" and params.kept_indices is not None:
+            cover.append(class_coverage(params.kept_indices, ep.support_y, cfg.ways))
         with torch.no_grad():
             accs.append(accuracy(ncp.forward(model, params, ep.query_x), ep.query_y).cpu().numpy())
         done += n
         bar.update(n)
     bar.close()
-    return np.concatenate(accs)
+    coverage = None
+    if cover:
+        pairs = sum(c["pairs"] for c in cover)
+        coverage = {
+            k: sum(c[k] * c["pairs"] for c in cover) / pairs for k in ("missing", "min_share")
+        }
+    return np.concatenate(accs), coverage
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -321,9 +452,12 @@ def _truncate_log(path: Path, step: int) -> None:
         f.writelines(kept)
 
 
-def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> Conv4:
+def train(
+    cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None
+) -> Tuple[Conv4, ncp.LearnedLR | None]:
     """Meta-train (resuming from ``cfg.run_dir/checkpoint.pt`` when present) and return the
-    model; writes ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` in ``cfg.run_dir``."""
+    model and its learned inner rates (None with ``--learned-lr none``); writes
+    ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` in ``cfg.run_dir``."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -339,7 +473,9 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
     model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed).to(
         device
     )
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
+    rates = learned_lr(cfg, model)
+    trained = list(model.parameters()) + ([] if rates is None else list(rates.parameters()))
+    opt = torch.optim.Adam(trained, lr=cfg.outer_lr)
     sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
     meta = meta_config(cfg)
     torch.manual_seed(cfg.seed)
@@ -348,6 +484,8 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         _check_resume(state["config"], cfg, ckpt_path)
         model.load_state_dict(state["model"])
+        if rates is not None:
+            rates.load_state_dict(state["learned_lr"])
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"], device)
@@ -365,18 +503,22 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
     )
     t0 = time.perf_counter()
     for step in bar:
-        ep = sampler.sample(cfg.tasks).to(device)
-        out = ncp.meta_step(model, ep.batch(), meta, loss_fn=ncp.losses.cross_entropy)
+        # Shuffled so that the chunks of a chunked bootstrap mix the classes (shuffle_support).
+        ep = shuffle_support(sampler.sample(cfg.tasks)).to(device)
+        out = ncp.meta_step(
+            model, ep.batch(), meta, loss_fn=ncp.losses.cross_entropy, learned_lr=rates
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        grad_norm = None
         if cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip).item()
         opt.step()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.outer_steps:
             with torch.no_grad():
                 acc = accuracy(ncp.forward(model, out.params, ep.query_x), ep.query_y).mean()
-            record = {
+            record: Dict[str, Any] = {
                 "step": done,
                 "loss": out.loss.item(),
                 "query_loss": out.query_loss.mean().item(),
@@ -384,8 +526,15 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
                 "bootstrap_loss": None
                 if out.bootstrap_loss is None
                 else out.bootstrap_loss.mean().item(),
+                "grad_norm": grad_norm,
                 "seconds": time.perf_counter() - t0,
             }
+            if rates is not None and not rates.per_parameter:
+                record["inner_lr"] = [round(v, 5) for v in rates.rates[0].tolist()]
+            if out.kept_indices is not None:
+                cover = class_coverage(out.kept_indices, ep.support_y, cfg.ways)
+                record["missing_class"] = cover["missing"]
+                record["min_class_share"] = cover["min_share"]
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['query_loss']:.3f}", acc=f"{record['query_acc']:.2f}")
@@ -394,6 +543,7 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
                 {
                     "step": done,
                     "model": model.state_dict(),
+                    "learned_lr": None if rates is None else rates.state_dict(),
                     "optimizer": opt.state_dict(),
                     "sampler": sampler.state_dict(),
                     "rng": _rng_state(device),
@@ -401,15 +551,31 @@ def train(cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None) -> 
                 },
                 ckpt_path,
             )
-    return model
+    return model, rates
+
+
+def training_coverage(run_dir: str | Path) -> Dict[str, float] | None:
+    """Mean class coverage of the pruned inner steps over the logged outer steps of a run
+    (``metrics.jsonl``), or None for a run without pruning."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("missing_class") is not None]
+    if not rows:
+        return None
+    return {
+        "missing": float(np.mean([r["missing_class"] for r in rows])),
+        "min_share": float(np.mean([r["min_class_share"] for r in rows])),
+        "logged_steps": len(rows),
+    }
 
 
 def run(cfg: RunConfig) -> Dict[str, Any]:
-    """Train, measure the saved bytes of one outer step, evaluate on the test split and write
-    ``result.json``; returns its content."""
+    """Train, measure the saved bytes of one outer step, evaluate every mode of
+    ``cfg.eval_modes`` on every split of ``cfg.eval_splits`` and write ``result.json``;
+    returns its content (``result["eval"][split][mode]`` holds mean, ci95, episodes)."""
     splits = load_splits(cfg)
     t0 = time.perf_counter()
-    model = train(cfg, splits)
+    model, rates = train(cfg, splits)
     train_s = time.perf_counter() - t0
     result: Dict[str, Any] = {
         "method": cfg.method,
@@ -420,26 +586,37 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
         "torch": torch.__version__,
         "device": cfg.device,
         "config": cfg.to_dict(),
+        "learned_lr": None
+        if rates is None or rates.per_parameter
+        else [float(v) for v in rates.rates[0].tolist()],
+        "training_coverage": training_coverage(cfg.run_dir),
     }
     probe = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 999)
     batch = probe.sample(1).to(torch.device(cfg.device)).batch()
-    result["saved_bytes_per_task"] = saved_bytes(model, batch, meta_config(cfg))
+    result["saved_bytes_per_task"] = saved_bytes(model, batch, meta_config(cfg), learned_lr=rates)
     if cfg.evaluate:
-        modes = ["none"] if cfg.method == "maml" else [cfg.rescale]
-        if cfg.method == "gradncp" and cfg.plain_eval:
-            modes.append("none")
-        for mode in dict.fromkeys(modes):
-            t1 = time.perf_counter()
-            accs = evaluate(model, cfg, splits["test"], rescale=mode)
-            mean, ci = mean_ci(accs)
-            key = "test" if mode == modes[0] else "test_no_rescale"
-            result[key] = {
-                "mean": mean,
-                "ci95": ci,
-                "episodes": len(accs),
-                "rescale": mode,
-                "seconds": time.perf_counter() - t1,
-            }
+        result["eval"] = {}
+        for name in cfg.eval_splits:
+            if name not in splits:
+                raise ValueError(
+                    f"`--eval-splits` asks for {name!r} but {cfg.data} has only {sorted(splits)}; "
+                    "for fashion pass --fashion-val > 0."
+                )
+            episodes = cfg.val_episodes if name == "val" else cfg.eval_episodes
+            result["eval"][name] = {}
+            for mode in cfg.eval_modes:
+                t1 = time.perf_counter()
+                accs, cover = evaluate(
+                    model, cfg, splits[name], mode=mode, episodes=episodes, rates=rates
+                )
+                mean, ci = mean_ci(accs)
+                result["eval"][name][mode] = {
+                    "mean": mean,
+                    "ci95": ci,
+                    "episodes": len(accs),
+                    "coverage": cover,
+                    "seconds": time.perf_counter() - t1,
+                }
     (Path(cfg.run_dir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -476,6 +653,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.split_seed,
         help="seed of the class split (glyphs, fashion)",
     )
+    g.add_argument(
+        "--fashion-val",
+        type=int,
+        default=d.fashion_val,
+        help="fashion: images of each training class held out as the validation split",
+    )
     g = parser.add_argument_group("episodes")
     g.add_argument("--ways", type=int, default=d.ways)
     g.add_argument("--shots", type=int, default=d.shots)
@@ -511,28 +694,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ratio", type=float, default=d.ratio, help="fraction of the support set kept per step"
     )
     g.add_argument("--score", choices=("gradncp", "loss", "random"), default=d.score)
+    g.add_argument(
+        "--balance",
+        action="store_true",
+        help="class-balanced pruning: each class keeps its share of the kept points "
+        "(ContextPruner(balance_classes=ways)); default the paper's global top-k",
+    )
+    g.add_argument(
+        "--learned-lr",
+        choices=LEARNED_LR,
+        default=d.learned_lr,
+        help="meta-learned inner rates (ncp.LearnedLR), initialised at --inner-lr: one per "
+        "step (default), one per parameter entry and step, or none (fixed --inner-lr)",
+    )
     g.add_argument("--boot-steps", type=int, default=d.boot_steps, help="bootstrap steps L")
     g.add_argument(
         "--boot-lr",
         type=float,
         default=d.boot_lr,
-        help="bootstrap step size; default the inner lr (Algorithm 1)",
+        help="bootstrap step size; default 5x --inner-lr",
     )
     g.add_argument(
         "--boot-weight", type=float, default=d.boot_weight, help="bootstrap weight lambda"
+    )
+    g.add_argument(
+        "--boot-chunk",
+        type=int,
+        default=d.boot_chunk,
+        help="accumulate each bootstrap step's gradient over chunks of this many support "
+        "points (bounds its transient graph; batch norm then uses per-chunk statistics)",
     )
     g = parser.add_argument_group("outer loop")
     g.add_argument("--outer-steps", type=int, default=d.outer_steps)
     g.add_argument("--outer-lr", type=float, default=d.outer_lr)
     g.add_argument(
-        "--clip",
-        type=float,
-        default=d.clip,
-        help="clip the meta-gradient norm (default: no clipping)",
+        "--clip", type=float, default=d.clip, help="clip the meta-gradient norm to this value"
     )
+    g.add_argument("--no-clip", dest="clip", action="store_const", const=None)
     g.add_argument("--seed", type=int, default=d.seed)
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
+    g.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="test-split episodes")
+    g.add_argument(
+        "--val-episodes", type=int, default=d.val_episodes, help="validation-split episodes"
+    )
     g.add_argument(
         "--eval-tasks", type=int, default=d.eval_tasks, help="test episodes adapted at once"
     )
@@ -540,21 +744,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-steps",
         type=int,
         default=d.test_steps,
-        help="test-time steps for both methods; default maml-steps / ratio",
+        help="test-time steps for every method; default GradNCP's horizon",
     )
     g.add_argument("--eval-seed", type=int, default=d.eval_seed)
     g.add_argument(
         "--rescale",
-        choices=("grad", "loss", "none"),
+        choices=("grad", "loss"),
         default=d.rescale,
-        help="GradNCP's test-time gradient rescaling",
+        help="the rescaler of the rescaled mode (ncp.GradRescaler)",
     )
     g.add_argument(
-        "--no-plain-eval",
-        dest="plain_eval",
-        action="store_false",
-        help="skip GradNCP's second evaluation without rescaling",
+        "--eval-modes",
+        nargs="+",
+        choices=EVAL_MODES,
+        default=list(d.eval_modes),
+        help="test-time modes: full support, full support rescaled, pruned support",
     )
+    g.add_argument("--eval-splits", nargs="+", choices=("val", "test"), default=list(d.eval_splits))
     g = parser.add_argument_group("running")
     g.add_argument("--device", default=d.device)
     g.add_argument("--threads", type=int, default=d.threads)
@@ -579,13 +785,13 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     add_arguments(parser)
     cfg = config_from_args(parser.parse_args(argv))
     result = run(cfg)
-    if "test" in result:
-        t = result["test"]
-        print(
-            f"{cfg.method} K={cfg.horizon}: test accuracy {100 * t['mean']:.2f} "
-            f"+- {100 * t['ci95']:.2f} % over {t['episodes']} episodes",
-            file=sys.stderr,
-        )
+    for split, modes in result.get("eval", {}).items():
+        for mode, t in modes.items():
+            print(
+                f"{cfg.method} K={cfg.horizon} {split} {mode}: accuracy {100 * t['mean']:.2f} "
+                f"+- {100 * t['ci95']:.2f} % over {t['episodes']} episodes",
+                file=sys.stderr,
+            )
     return result
 
 

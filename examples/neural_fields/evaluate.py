@@ -1,13 +1,15 @@
 """Evaluate a meta-learned initialisation: PSNR, SSIM (LPIPS when available) after ``K_test``
-test-time steps on held-out signals, with and without test-time gradient rescaling, and PSNR
-after every step up to a longer horizon (the paper's Figure 5b).
+test-time steps on held-out signals: full-context steps with and without test-time gradient
+rescaling, and steps on the pruned context itself (the paper's Figure 11), with PSNR after every
+step up to a longer horizon (the paper's Figure 5b).
 
 Run from the repository root on a folder written by ``train``::
 
     python -m examples.neural_fields.evaluate --run runs/nf/text --test-steps 16 --horizon 64
 
-Rescaling (paper Eq. 4) needs a pruner to define the pruned gradient: a GradNCP run uses its
-own; a MAML run uses ``ContextPruner(ratio=--rescale-ratio)`` (the control the paper lacks).
+Rescaling (paper Eq. 4) and pruned-context adaptation need a pruner: a GradNCP run uses its
+own; a MAML run uses ``ContextPruner(ratio=--rescale-ratio)`` (default the data set's paper ratio;
+the control the paper lacks).
 ``--init random`` evaluates the run's initialisation before meta-training instead.
 """
 
@@ -91,11 +93,13 @@ def adapt_curve(
     checkpoints: Sequence[int],
     lr: float | None = None,
     rescaler: ncp.GradRescaler | None = None,
+    prune: bool = False,
     learned_lr: ncp.LearnedLR | None = None,
     chunk: int = 8,
     ssim_at: int | None = None,
 ) -> Dict[int, Dict[str, float]]:
-    """Adapt on the full context and measure after each step count in ``checkpoints``.
+    """Adapt on the full context (on the context ``cfg.pruner`` keeps at each step with
+    ``prune=True``) and measure on the full context after each step count in ``checkpoints``.
 
     With fixed rates, each count continues from the previous one. With ``learned_lr`` each count
     is adapted from the start, since a call to :func:`ncp.adapt` starts the learned schedule at
@@ -116,11 +120,19 @@ def adapt_curve(
         for k in wanted:
             if learned_lr is not None and k > 0:
                 params = ncp.adapt(
-                    model, x, y, cfg, steps=k, rescaler=rescaler, learned_lr=learned_lr
+                    model, x, y, cfg, steps=k, rescaler=rescaler, prune=prune, learned_lr=learned_lr
                 )
             elif k > done:
                 params = ncp.adapt(
-                    model, x, y, cfg, steps=k - done, lr=lr, rescaler=rescaler, params=params
+                    model,
+                    x,
+                    y,
+                    cfg,
+                    steps=k - done,
+                    lr=lr,
+                    rescaler=rescaler,
+                    prune=prune,
+                    params=params,
                 )
                 done = k
             with torch.no_grad():
@@ -144,7 +156,7 @@ def evaluate(
     test_steps: int | None = None,
     horizon: int | None = None,
     test_lrs: Sequence[float] = (),
-    rescale_ratio: float = 0.25,
+    rescale_ratio: float | None = None,
     signals_limit: int | None = None,
     init: str = "trained",
     device: str = "cpu",
@@ -157,7 +169,8 @@ def evaluate(
         horizon: also report PSNR at every step up to this many (Figure 5b); default
             ``4 * K_test``.
         test_lrs: further test-time learning rates to try (with and without rescaling).
-        rescale_ratio: pruner ratio defining the rescaling of a MAML run.
+        rescale_ratio: pruner ratio defining the rescaling and pruned context of a MAML run;
+            default the data set's paper ratio (:func:`train.paper_ratio`).
         signals_limit: evaluate on the first this many test signals (default all).
         init: ``"trained"`` or ``"random"`` (see :func:`load_run`).
     """
@@ -166,6 +179,8 @@ def evaluate(
     k_test = test_steps or s["test_steps"]
     horizon = horizon or 4 * k_test
     test = signals.test if signals_limit is None else signals.test[:signals_limit]
+    if rescale_ratio is None:
+        rescale_ratio = train.paper_ratio(s["data"])
     rcfg = rescale_config(cfg, rescale_ratio)
     result: Dict[str, Any] = {
         "run": run,
@@ -177,6 +192,7 @@ def evaluate(
         "test_steps": k_test,
         "horizon": horizon,
         "test_signals": len(test),
+        "pruner_ratio": rcfg.pruner.ratio,
         "lpips": lpips_status(),
         "variants": {},
     }
@@ -188,23 +204,27 @@ def evaluate(
     else:  # each point adapted from the start: a few points only
         points = sorted(p for p in {0, 4, k_test, 2 * k_test, horizon} if p <= horizon)
     for lr in lrs:
-        for rescale in (False, True):
-            name = ("learned lr" if lr is None else f"lr={lr:g}") + (" +rescale" if rescale else "")
+        main_lr = lr in (None, cfg.inner_lr)
+        # full context, full context rescaled, and (at the run's own rate) the pruned context
+        for mode in ("", " +rescale", " pruned") if main_lr else ("", " +rescale"):
+            name = ("learned lr" if lr is None else f"lr={lr:g}") + mode
             curve = adapt_curve(
                 model,
-                rcfg if rescale else cfg,
+                cfg if mode == "" else rcfg,
                 signals,
                 test,
-                checkpoints=points if lr in (None, cfg.inner_lr) else [k_test],
+                checkpoints=points if main_lr else [k_test],
                 lr=lr,
-                rescaler=ncp.GradRescaler() if rescale else None,
+                rescaler=ncp.GradRescaler() if mode == " +rescale" else None,
+                prune=mode == " pruned",
                 learned_lr=rates if lr is None else None,
                 ssim_at=k_test,
             )
             at_k = curve[k_test]
             result["variants"][name] = {
                 "lr": lr,
-                "rescale": rescale,
+                "rescale": mode == " +rescale",
+                "pruned": mode == " pruned",
                 **at_k,
                 "curve": {str(k): v["psnr"] for k, v in curve.items()},
             }
@@ -246,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     parser.add_argument("--test-steps", type=int, help="K_test (the run's --test-steps)")
     parser.add_argument("--horizon", type=int, help="PSNR curve up to this step (4 K_test)")
     parser.add_argument("--test-lrs", type=float, nargs="*", default=(), help="more test lrs")
-    parser.add_argument("--rescale-ratio", type=float, default=0.25, help="MAML rescaling ratio")
+    parser.add_argument(
+        "--rescale-ratio", type=float, help="MAML's pruner ratio (the data set's paper ratio)"
+    )
     parser.add_argument("--signals", type=int, help="evaluate on the first N test signals")
     parser.add_argument("--init", choices=("trained", "random"), default="trained")
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
@@ -255,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.rescale_ratio is not None and not 0 < args.rescale_ratio <= 1:
+        parser.error(f"--rescale-ratio must be in (0, 1], got {args.rescale_ratio}")
     result = evaluate(
         args.run,
         test_steps=args.test_steps,
