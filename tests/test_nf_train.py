@@ -173,10 +173,10 @@ def test_pruned_column_adapts_on_the_kept_points(text_run):
     r = evaluate.load_run(str(text_run))
     model, cfg, signals = r["model"], r["config"], r["signals"]
     x, y = signals.context(signals.test[:2])
-    params = ncp.adapt(model, x, y, cfg, steps=2, prune=True)
-    assert params.kept_indices.shape[-1] == round(0.25 * x.shape[1])
+    adapted = ncp.adapt(model, x, y, cfg, steps=2, mode="pruned")
+    assert adapted.kept_indices.shape[-1] == round(0.25 * x.shape[1])
     with torch.no_grad():
-        pred = ncp.forward(model, params, x).clamp(0, 1)
+        pred = ncp.forward(model, adapted.params, x).clamp(0, 1)
     expected = psnr(pred, y, signals.data_range).mean().item()
     assert pruned["psnr"] == pytest.approx(expected, rel=1e-5)
     assert pruned["psnr"] != res["variants"]["lr=0.01"]["psnr"]
@@ -423,7 +423,7 @@ def test_gradnorm_ratio_of_pruned_to_full_gradient(text_run):
     torch.testing.assert_close(gradnorm.grad_ratios(model, x, y, 1.0, 2), torch.ones(2, 2))
     r = gradnorm.grad_ratios(model, x, y, 0.5, 1)
     cfg = ncp.MetaConfig(inner_steps=1, pruner=ncp.ContextPruner(ratio=0.5), bootstrap=None)
-    kept = ncp.adapt(model, x, y, cfg, prune=True).kept_indices[0]
+    kept = ncp.adapt(model, x, y, cfg, mode="pruned").kept_indices[0]
     for t in range(2):  # by hand: the same norms with torch.autograd on the module itself
         full = ((model(x[t]) - y[t]) ** 2).mean()
         pruned = ((model(x[t, kept[t]]) - y[t, kept[t]]) ** 2).mean()

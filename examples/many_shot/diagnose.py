@@ -149,13 +149,13 @@ def batch_norm_gaps(
         y,
         eval_config(cfg),
         steps=cfg.test_horizon,
-        prune=True,
+        mode="pruned",
         loss_fn=ncp.losses.cross_entropy,
         **lr_kw,
     )
     points = {
         "init": ncp.functional.init_params(model, episodes, detach=True),
-        "adapted": dict(adapted),
+        "adapted": adapted.params,
     }
     out: Dict[str, Any] = {}
     for where, params in points.items():
@@ -192,18 +192,16 @@ def bootstrap_chunking(
     sampler = EpisodeSampler(splits[split], cfg.ways, cfg.shots, cfg.queries, seed=cfg.eval_seed)
     ep = sampler.sample(episodes)
     lr_kw: Dict[str, Any] = {"lr": cfg.inner_lr} if rates is None else {"learned_lr": rates}
-    theta = dict(
-        ncp.adapt(
-            model,
-            ep.support_x,
-            ep.support_y,
-            eval_config(cfg),
-            steps=cfg.horizon,
-            prune=True,
-            loss_fn=ncp.losses.cross_entropy,
-            **lr_kw,
-        )
-    )
+    theta = ncp.adapt(
+        model,
+        ep.support_x,
+        ep.support_y,
+        eval_config(cfg),
+        steps=cfg.horizon,
+        mode="pruned",
+        loss_fn=ncp.losses.cross_entropy,
+        **lr_kw,
+    ).params
     whole = dataclasses.replace(bootstrap(cfg), chunk_size=None)
     parts = dataclasses.replace(bootstrap(cfg), chunk_size=chunk)
     kw = {"loss_fn": ncp.losses.cross_entropy}

@@ -369,7 +369,7 @@ def evaluate(
         raise ValueError(f"`mode` must be one of {list(EVAL_MODES)}, got {mode!r}.")
     episodes = cfg.eval_episodes if episodes is None else episodes
     meta = eval_config(cfg)
-    rescaler = ncp.GradRescaler(mode=cfg.rescale) if mode == "rescaled" else None  # type: ignore[arg-type]
+    how = {"plain": "full", "pruned": "pruned", "rescaled": ncp.GradRescaler(mode=cfg.rescale)}  # type: ignore[arg-type]
     sampler = EpisodeSampler(split, cfg.ways, cfg.shots, cfg.queries, seed=cfg.eval_seed)
     device = torch.device(cfg.device)
     lr_kw: Dict[str, Any] = {"lr": cfg.inner_lr} if rates is None else {"learned_lr": rates}
@@ -385,21 +385,21 @@ def evaluate(
     while done < episodes:
         n = min(cfg.eval_tasks, episodes - done)
         ep = sampler.sample(n).to(device)
-        params = ncp.adapt(
+        adapted = ncp.adapt(
             model,
             ep.support_x,
             ep.support_y,
             meta,
             steps=cfg.test_horizon,
-            rescaler=rescaler,
-            prune=mode == "pruned",
+            mode=how[mode],
             loss_fn=ncp.losses.cross_entropy,
             **lr_kw,
         )
-        if mode == "pruned" and params.kept_indices is not None:
-            cover.append(class_coverage(params.kept_indices, ep.support_y, cfg.ways))
+        if mode == "pruned" and adapted.kept_indices is not None:
+            cover.append(class_coverage(adapted.kept_indices, ep.support_y, cfg.ways))
         with torch.no_grad():
-            accs.append(accuracy(ncp.forward(model, params, ep.query_x), ep.query_y).cpu().numpy())
+            pred = ncp.forward(model, adapted.params, ep.query_x)
+            accs.append(accuracy(pred, ep.query_y).cpu().numpy())
         done += n
         bar.update(n)
     bar.close()

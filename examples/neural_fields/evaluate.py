@@ -92,14 +92,13 @@ def adapt_curve(
     *,
     checkpoints: Sequence[int],
     lr: float | None = None,
-    rescaler: ncp.GradRescaler | None = None,
-    prune: bool = False,
+    mode: str = "full",
     learned_lr: ncp.LearnedLR | None = None,
     chunk: int = 8,
     ssim_at: int | None = None,
 ) -> Dict[int, Dict[str, float]]:
-    """Adapt on the full context (on the context ``cfg.pruner`` keeps at each step with
-    ``prune=True``) and measure on the full context after each step count in ``checkpoints``.
+    """Adapt with :func:`ncp.adapt` in ``mode`` (``"full"``, ``"rescaled"`` or ``"pruned"``)
+    and measure on the full context after each step count in ``checkpoints``.
 
     With fixed rates, each count continues from the previous one. With ``learned_lr`` each count
     is adapted from the start, since a call to :func:`ncp.adapt` starts the learned schedule at
@@ -120,8 +119,8 @@ def adapt_curve(
         for k in wanted:
             if learned_lr is not None and k > 0:
                 params = ncp.adapt(
-                    model, x, y, cfg, steps=k, rescaler=rescaler, prune=prune, learned_lr=learned_lr
-                )
+                    model, x, y, cfg, steps=k, mode=mode, learned_lr=learned_lr
+                ).params
             elif k > done:
                 params = ncp.adapt(
                     model,
@@ -130,10 +129,9 @@ def adapt_curve(
                     cfg,
                     steps=k - done,
                     lr=lr,
-                    rescaler=rescaler,
-                    prune=prune,
+                    mode=mode,
                     params=params,
-                )
+                ).params
                 done = k
             with torch.no_grad():
                 pred = _clamp(
@@ -215,8 +213,7 @@ def evaluate(
                 test,
                 checkpoints=points if main_lr else [k_test],
                 lr=lr,
-                rescaler=ncp.GradRescaler() if mode == " +rescale" else None,
-                prune=mode == " pruned",
+                mode={"": "full", " +rescale": "rescaled", " pruned": "pruned"}[mode],
                 learned_lr=rates if lr is None else None,
                 ssim_at=k_test,
             )
@@ -230,7 +227,7 @@ def evaluate(
             }
     if result["lpips"] == "available" and signals.kind == "image":
         x, y = signals.context(test.to(device))
-        params = ncp.adapt(model, x, y, cfg, steps=k_test, learned_lr=rates)
+        params = ncp.adapt(model, x, y, cfg, steps=k_test, learned_lr=rates).params
         with torch.no_grad():
             pred = _clamp(ncp.forward(model, params, x), signals).reshape(test.shape)
         result["variants"][next(iter(result["variants"]))]["lpips"] = (

@@ -44,9 +44,10 @@ def pruning_steps(
     with torch.no_grad():
         preds.append(torch.stack([model(xi) for xi in x]))
     for _ in range(cfg.inner_steps):
-        params = ncp.adapt(model, x, y, cfg, steps=1, prune=True, params=params)
-        assert params.kept_indices is not None
-        kept.append(params.kept_indices[0])
+        step = ncp.adapt(model, x, y, cfg, steps=1, mode="pruned", params=params)
+        assert step.kept_indices is not None
+        kept.append(step.kept_indices[0])
+        params = step.params
         with torch.no_grad():
             preds.append(ncp.forward(model, params, x))
     return torch.stack(kept), preds

@@ -1,6 +1,6 @@
 """How much larger is a step on the pruned context than a step on the full context?
 
-Along a pruned adaptation (``ncp.adapt(..., prune=True)``), this measures, at every inner step
+Along a pruned adaptation (``ncp.adapt(..., mode="pruned")``), this measures, at every inner step
 and for each test signal, the ratio ``||grad of the mean loss on the kept points|| / ||grad of
 the mean loss on all points||``. A mean over the top ``ratio`` of points can be up to
 ``1 / ratio`` times the full-context gradient; this is the factor by which meta-training's inner
@@ -42,7 +42,7 @@ def grad_ratios(
     current = {n: p.detach().expand(x.shape[0], *p.shape) for n, p in model.named_parameters()}
     out = []
     for _ in range(steps):
-        adapted = ncp.adapt(model, x, y, cfg, steps=1, prune=True, params=current)
+        adapted = ncp.adapt(model, x, y, cfg, steps=1, mode="pruned", params=current)
         kept = adapted.kept_indices[0]  # chosen from `current`, before the step
         row = []
         for t in range(x.shape[0]):
@@ -52,7 +52,7 @@ def grad_ratios(
             pruned = ((functional_call(model, p, (xs,)) - ys) ** 2).mean()
             row.append((_norm(pruned, p) / _norm(full, p)).item())
         out.append(row)
-        current = dict(adapted)
+        current = adapted.params
     return torch.tensor(out)
 
 

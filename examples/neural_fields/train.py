@@ -224,7 +224,7 @@ def test_psnr(
     low = -1.0 if signals.kind == "audio" else 0.0
     for part in test.split(chunk):
         x, y = signals.context(part.to(device))
-        params = ncp.adapt(model, x, y, cfg, steps=steps, learned_lr=learned_lr)
+        params = ncp.adapt(model, x, y, cfg, steps=steps, learned_lr=learned_lr).params
         with torch.no_grad():
             pred = ncp.forward(model, params, x).clamp(low, low + signals.data_range)
         values.append(psnr(pred, y, signals.data_range))
