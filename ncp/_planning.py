@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ._config import MetaConfig
 from ._driver import meta_step
+from ._lr import LearnedLR
 from ._memory import MemoryMeter
 from ._pruning import keep_count
 from .losses import LossFn
@@ -36,14 +37,22 @@ class MemoryPlan:
 
 
 def saved_bytes(
-    model: nn.Module, batch: Sequence[Tensor], cfg: MetaConfig, *, loss_fn: LossFn | None = None
+    model: nn.Module,
+    batch: Sequence[Tensor],
+    cfg: MetaConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    learned_lr: LearnedLR | None = None,
 ) -> int:
     """Peak bytes saved for backward by one outer step of ``cfg`` on ``batch`` (``meta_step``
-    and the gradient of its loss), measured with :class:`ncp.MemoryMeter`. Nothing is written
-    on the model: the meta-gradient is taken with ``torch.autograd.grad`` and dropped."""
+    with ``learned_lr`` if given, and the gradient of its loss), measured with
+    :class:`ncp.MemoryMeter`. Nothing is written on the model or the rates: the meta-gradient
+    is taken with ``torch.autograd.grad`` and dropped."""
     weights = [p for p in model.parameters() if p.requires_grad]
+    if learned_lr is not None:
+        weights += [p for p in learned_lr.parameters() if p.requires_grad]
     with MemoryMeter() as meter:
-        out = meta_step(model, batch, cfg, loss_fn=loss_fn)
+        out = meta_step(model, batch, cfg, loss_fn=loss_fn, learned_lr=learned_lr)
         torch.autograd.grad(out.loss, weights, allow_unused=True)
     return meter.peak_saved_bytes
 

@@ -255,3 +255,15 @@ def test_concepts_reptile_loop_moves_theta0_toward_the_adapted_parameters():
         want = before[name] + 0.5 * (adapted[name].mean(0) - before[name])
         assert_close(p.detach(), want, **F64)
         assert not torch.equal(p.detach(), before[name])
+
+
+def test_saved_bytes_with_learned_rates_writes_no_gradient():
+    torch.manual_seed(0)
+    model = _models.mlp()
+    batch = (torch.rand(2, 64, 2), torch.rand(2, 64, 1))
+    cfg = ncp.MetaConfig(inner_steps=3, pruner=None, bootstrap=None)
+    rates = ncp.LearnedLR(model, steps=3)
+    with_rates = ncp.functional.saved_bytes(model, batch, cfg, learned_lr=rates)
+    plain = ncp.functional.saved_bytes(model, batch, cfg)
+    assert with_rates >= plain > 0
+    assert all(p.grad is None for p in [*model.parameters(), *rates.parameters()])
