@@ -20,18 +20,12 @@ def saved_bytes(
     *,
     learned_lr: ncp.LearnedLR | None = None,
 ) -> int:
-    """Peak bytes saved for backward by one outer step (``meta_step`` and ``backward``) of
-    ``cfg`` on ``batch``, measured with :class:`ncp.MemoryMeter`; the gradients of the model
-    (and of ``learned_lr``) are cleared afterwards."""
-    with ncp.MemoryMeter() as meter:
-        out = ncp.meta_step(
-            model, batch, cfg, loss_fn=ncp.losses.cross_entropy, learned_lr=learned_lr
-        )
-        out.loss.backward()
-    model.zero_grad(set_to_none=True)
-    if learned_lr is not None:
-        learned_lr.zero_grad(set_to_none=True)
-    return meter.peak_saved_bytes
+    """Peak bytes saved for backward by one outer step (``meta_step`` and its backward pass) of
+    ``cfg`` on ``batch`` with cross-entropy: :func:`ncp.functional.saved_bytes`, which writes
+    no gradient on the model or the rates."""
+    return ncp.functional.saved_bytes(
+        model, batch, cfg, loss_fn=ncp.losses.cross_entropy, learned_lr=learned_lr
+    )
 
 
 def match_steps(
@@ -42,41 +36,16 @@ def match_steps(
     *,
     max_steps: int = 200,
 ) -> Tuple[int, int, int]:
-    """The longest GradNCP horizon whose measured saved bytes fit MAML's.
-
-    Args:
-        model: the model both methods train.
-        batch: one batch ``(context_x, context_y, query_x, query_y)``.
-        maml: MAML's configuration (its ``inner_steps`` sets the budget).
-        gradncp: GradNCP's configuration; its ``inner_steps`` is replaced.
-        max_steps: the largest horizon tried.
+    """The longest GradNCP horizon whose measured saved bytes fit MAML's
+    (:func:`ncp.plan_memory` with MAML's configuration as the budget).
 
     Returns:
         ``(steps, gradncp_bytes, maml_bytes)``.
-
-    Raises:
-        ValueError: when even one GradNCP step needs more than MAML's budget.
     """
-    budget = saved_bytes(model, batch, maml)
-
-    def cost(k: int) -> int:
-        return saved_bytes(model, batch, dataclasses.replace(gradncp, inner_steps=k))
-
-    one, two = cost(1), cost(2)
-    if one > budget:
-        raise ValueError(
-            f"one GradNCP step saves {one} bytes, more than MAML's {budget} with "
-            f"inner_steps={maml.inner_steps}; lower `--ratio` or raise `--maml-steps`."
-        )
-    slope = max(two - one, 1)
-    k = max(1, min(max_steps, 1 + (budget - one) // slope))
-    used = cost(k)
-    while used > budget and k > 1:
-        k -= 1
-        used = cost(k)
-    while k < max_steps and (nxt := cost(k + 1)) <= budget:
-        k, used = k + 1, nxt
-    return k, used, budget
+    plan = ncp.plan_memory(
+        model, batch, gradncp, budget=maml, max_steps=max_steps, loss_fn=ncp.losses.cross_entropy
+    )
+    return plan.cfg.inner_steps, plan.saved_bytes, plan.budget
 
 
 def fit_boot_chunk(
