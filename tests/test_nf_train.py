@@ -221,7 +221,7 @@ def test_pruning_steps_record_k_steps_of_kept_points():
     assert kept.shape == (3, 2, 10) and len(preds) == 4
     whole = ncp.adapt(model, x, y, cfg, mode="pruned")
     torch.testing.assert_close(kept, whole.kept_indices)
-    torch.testing.assert_close(preds[-1], ncp.forward(model, whole, x))
+    torch.testing.assert_close(preds[-1], ncp.forward(model, whole.params, x))
     with pytest.raises(ValueError, match="no pruner"):
         figures.pruning_steps(model, ncp.MetaConfig(pruner=None, bootstrap=None), x, y)
 
