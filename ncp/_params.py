@@ -92,6 +92,16 @@ def adapted_names(
 
 def check_params(model: nn.Module, params: Mapping[str, Tensor], tasks: int) -> None:
     """Raise a clear error when ``params`` does not match ``model`` and ``tasks``."""
+    if not isinstance(params, Mapping):
+        fix = (
+            f" Pass its `.params` ({type(params).__name__}.params)."
+            if hasattr(params, "params")
+            else ""
+        )
+        raise TypeError(
+            "`params` must be a dict of per-task parameters {name: (tasks, *shape)}, got "
+            f"{type(params).__name__}.{fix}"
+        )
     expected = dict((name, p) for name, p in model.named_parameters() if p.requires_grad)
     missing = sorted(set(expected) - set(params))
     extra = sorted(set(params) - set(expected))

@@ -267,3 +267,10 @@ def test_saved_bytes_with_learned_rates_writes_no_gradient():
     plain = ncp.functional.saved_bytes(model, batch, cfg)
     assert with_rates >= plain > 0
     assert all(p.grad is None for p in [*model.parameters(), *rates.parameters()])
+
+
+def test_passing_a_result_instead_of_its_params_names_the_fix():
+    model, (x, y) = model64(), data()
+    out = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=1)
+    with pytest.raises(TypeError, match=r"got AdaptResult. Pass its `.params`"):
+        ncp.forward(model, out, x)  # type: ignore[arg-type]
