@@ -274,3 +274,20 @@ def test_passing_a_result_instead_of_its_params_names_the_fix():
     out = ncp.adapt(model, x, y, ncp.MetaConfig(pruner=None), steps=1)
     with pytest.raises(TypeError, match=r"got AdaptResult. Pass its `.params`"):
         ncp.forward(model, out, x)  # type: ignore[arg-type]
+
+
+def test_meta_step_with_the_vectorised_strategy_equals_the_loop():
+    model, (x, y) = model64(), data(tasks=3)
+    grads = {}
+    for strategy in ("loop", "vmap"):
+        cfg = ncp.MetaConfig(inner_steps=3, pruner=ncp.ContextPruner(strategy=strategy))
+        out = ncp.meta_step(model, (x, y), cfg)
+        grads[strategy] = (
+            out.kept_indices,
+            torch.autograd.grad(out.loss, list(model.parameters())),
+        )
+    assert torch.equal(grads["loop"][0].sort(-1).values, grads["vmap"][0].sort(-1).values)
+    for a, b in zip(grads["loop"][1], grads["vmap"][1], strict=True):
+        assert_close(a, b, **F64)
+    with pytest.raises(ValueError, match=r"`ContextPruner.strategy` must be one of"):
+        ncp.ContextPruner(strategy="fast")  # type: ignore[arg-type]

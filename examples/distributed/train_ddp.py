@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script (torchrun does): make `examples
 
 import ncp
 from examples.neural_fields.models import Siren
+from examples.neural_fields.signals import grid_coordinates, image_context
 
 DEFAULTS: Dict[str, Any] = dict(
     steps=100,
@@ -58,8 +59,7 @@ def blob_images(indices: Sequence[int], resolution: int, seed: int = 0) -> Tenso
     Image ``i`` is a few coloured Gaussian blobs on a plain background, drawn from a generator
     seeded with ``(seed, i)``: every rank can build any image of the data set by its index.
     """
-    axis = torch.linspace(-1.0, 1.0, resolution)
-    rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+    rows, cols = grid_coordinates(resolution, resolution).view(resolution, resolution, 2).unbind(-1)
     out = []
     for i in indices:
         g = torch.Generator().manual_seed(seed * 1_000_003 + int(i))
@@ -72,17 +72,6 @@ def blob_images(indices: Sequence[int], resolution: int, seed: int = 0) -> Tenso
             img = img + bump[..., None] * (colour - img)
         out.append(img)
     return torch.stack(out)
-
-
-def image_context(images: Tensor) -> tuple[Tensor, Tensor]:
-    """Images ``(tasks, H, W, C)`` as ncp's context: coordinates ``(tasks, H*W, 2)`` in
-    ``[-1, 1]`` (row, column) and values ``(tasks, H*W, C)``."""
-    tasks, h, w, c = images.shape
-    rows, cols = torch.meshgrid(
-        torch.linspace(-1.0, 1.0, h), torch.linspace(-1.0, 1.0, w), indexing="ij"
-    )
-    coords = torch.stack([rows, cols], dim=-1).reshape(1, h * w, 2).expand(tasks, -1, -1)
-    return coords.to(images.device), images.reshape(tasks, h * w, c)
 
 
 def load_images(args: argparse.Namespace, indices: Sequence[int]) -> Tensor:
