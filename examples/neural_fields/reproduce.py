@@ -90,6 +90,9 @@ RUNS["climate_gradncp_r0.5_K16"] = (
     "climate",
     gradncp("climate", inner_steps=16, **_CLIMATE),
 )
+# Both methods spiked late in some seeds at outer lr 2e-4 on the sphere: the same at 1e-4.
+RUNS["climate_maml_lr1e-4"] = ("diagnostic", "climate", {**MAML, "lr": 1e-4})
+RUNS["climate_gradncp_lr1e-4"] = ("diagnostic", "climate", gradncp("climate", lr=1e-4))
 # Meta-learned per-step inner rates (the paper's Meta-SGD, ncp.LearnedLR) let both methods
 # choose step sizes the w0 = 50 sphere tolerates.
 RUNS["climate_maml_lrstep"] = ("diagnostic", "climate", {**MAML, **_CLIMATE, "learned_lr": "step"})
@@ -534,6 +537,8 @@ CLIMATE_RUNS = (
     "climate_gradncp",
     "climate_gradncp_r0.25",
     "climate_gradncp_r0.5_K16",
+    "climate_maml_lr1e-4",
+    "climate_gradncp_lr1e-4",
     "climate_maml_lrstep",
     "climate_gradncp_lrstep",
 )
