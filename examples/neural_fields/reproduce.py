@@ -90,6 +90,13 @@ RUNS["climate_gradncp_r0.5_K16"] = (
     "climate",
     gradncp("climate", inner_steps=16, **_CLIMATE),
 )
+# The bootstrap target takes 5 full-context steps at 5e-2, 5 times the inner lr: the same run
+# with the target at the inner lr 1e-2 (Algorithm 1 as written).
+RUNS["climate_gradncp_bootlr0.01"] = (
+    "diagnostic",
+    "climate",
+    gradncp("climate", bootstrap_lr=0.01, **_CLIMATE),
+)
 # Both methods spiked late in some seeds at outer lr 2e-4 on the sphere: the same at 1e-4.
 RUNS["climate_maml_lr1e-4"] = ("diagnostic", "climate", {**MAML, "lr": 1e-4})
 RUNS["climate_gradncp_lr1e-4"] = ("diagnostic", "climate", gradncp("climate", lr=1e-4))
@@ -537,6 +544,7 @@ CLIMATE_RUNS = (
     "climate_gradncp",
     "climate_gradncp_r0.25",
     "climate_gradncp_r0.5_K16",
+    "climate_gradncp_bootlr0.01",
     "climate_maml_lr1e-4",
     "climate_gradncp_lr1e-4",
     "climate_maml_lrstep",
