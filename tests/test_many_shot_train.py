@@ -341,6 +341,15 @@ def test_compare_reports_every_arm_over_seeds_and_picks_the_mode_on_validation(t
         test = s[arm]["eval"]["test"][s[arm]["headline_mode"]]
         assert s[arm]["headline_test"] == test
         assert test["mean"] == pytest.approx(np.mean(test["seeds"]))
+    diffs = [
+        a - b
+        for a, b in zip(
+            s["gradncp"]["headline_test"]["seeds"], s["maml"]["headline_test"]["seeds"], strict=True
+        )
+    ]
+    assert s["gradncp"]["vs_maml"]["seeds"] == pytest.approx(diffs)
+    assert s["gradncp"]["vs_maml"]["mean"] == pytest.approx(np.mean(diffs))
+    assert s["maml"]["vs_maml"] is None
     assert s["maml"]["training_coverage"] is None
     assert s["gradncp-balanced"]["training_coverage"]["missing"] == 0.0
     table = (tmp_path / "cmp" / "summary.md").read_text()

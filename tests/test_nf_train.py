@@ -336,6 +336,18 @@ def test_report_pools_the_seeds(tmp_path):
     assert "| text | gradncp pruned | 22.00 ± " in text  # PSNR@4 of the pruned curve
 
 
+def test_fell_counts_seeds_that_ended_below_their_best(tmp_path):
+    for seed, evals in enumerate(([30.0, 36.0, 33.5], [30.0, 36.0, 32.9], [31.0, 35.0, 40.0])):
+        run = tmp_path / f"climate_gradncp_s{seed}"
+        run.mkdir()
+        lines = [{"step": 0, "event": "memory", "peak_saved_bytes": 1}]
+        lines += [{"step": 100 * i, "event": "eval", "psnr": p} for i, p in enumerate(evals)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert reproduce.fell(str(tmp_path), "climate_gradncp") == "1 of 3"  # 36.0 -> 32.9 only
+    assert reproduce.fell(str(tmp_path), "climate_gradncp", drop=2.0) == "2 of 3"
+    assert reproduce.fell(str(tmp_path), "climate_maml") == "-"
+
+
 def test_reproduce_rejects_bad_options(capsys):
     for argv, message in (
         (["run", "--set", "steps"], "KEY=VALUE"),

@@ -142,6 +142,17 @@ def summarise(results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
             else {k: float(np.mean([c[k] for c in test_cover])) for k in ("missing", "min_share")},
             "train_seconds": [r["train_seconds"] for r in runs],
         }
+    base = out.get("maml")
+    for arm, entry in out.items():
+        entry["vs_maml"] = None
+        if arm == "maml" or base is None:
+            continue
+        mine, theirs = entry["headline_test"], base["headline_test"]
+        if mine is None or theirs is None or entry["seeds"] != base["seeds"]:
+            continue
+        # Paired by seed (and by the shared test episodes): each arm's headline minus MAML's.
+        diffs = [a - b for a, b in zip(mine["seeds"], theirs["seeds"], strict=True)]
+        entry["vs_maml"] = {**seed_stats(diffs), "seeds": diffs}
     return out
 
 
@@ -158,8 +169,8 @@ def markdown(summary: Dict[str, Any], title: str) -> str:
         f"**{title}**",
         "",
         "| arm | K train | K test | saved MB / task | headline mode (val) | headline test acc. |"
-        " per-seed test acc. |",
-        "|---|---|---|---|---|---|---|",
+        " per-seed test acc. | minus MAML, paired by seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm, s in summary.items():
         head = s["headline_test"]
@@ -167,7 +178,7 @@ def markdown(summary: Dict[str, Any], title: str) -> str:
         lines.append(
             f"| {arm} | {s['inner_steps']} | {s['test_steps']} | "
             f"{s['saved_bytes_per_task'] / 1e6:.1f} | {s['headline_mode'] or ''} | "
-            f"{_pct(head)} | {seeds} |"
+            f"{_pct(head)} | {seeds} | {_pct(s.get('vs_maml'))} |"
         )
     lines += [
         "",
