@@ -46,7 +46,7 @@ def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[st
         raise FileNotFoundError(f"`run`={run!r} holds no {train.CHECKPOINT}; train it first.")
     if init not in ("trained", "random"):
         raise ValueError(f"`init` must be 'trained' or 'random', got {init!r}.")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = torch.load(path, map_location=device, weights_only=True)
     s = {**ckpt["settings"], "device": device}
     signals = train.load_data(s)
     torch.manual_seed(s["seed"])

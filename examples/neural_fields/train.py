@@ -232,10 +232,19 @@ def test_psnr(
 
 
 def _rng_state(sampler: torch.Generator, cfg: ncp.MetaConfig) -> Dict[str, Any]:
+    """Every random state of a run, as tensors and plain Python values only, so that the
+    checkpoint loads with ``torch.load(weights_only=True)`` (no pickled code)."""
     pruner_gen = cfg.pruner.generator if cfg.pruner is not None else None
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
         "sampler": sampler.get_state(),
         "pruner": None if pruner_gen is None else pruner_gen.get_state(),
@@ -244,7 +253,10 @@ def _rng_state(sampler: torch.Generator, cfg: ncp.MetaConfig) -> Dict[str, Any]:
 
 def _set_rng_state(state: Dict[str, Any], sampler: torch.Generator, cfg: ncp.MetaConfig) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     random.setstate(state["python"])
     sampler.set_state(state["sampler"])
     if state["pruner"] is not None and cfg.pruner is not None and cfg.pruner.generator is not None:
@@ -298,7 +310,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     sampler = torch.Generator().manual_seed(s["seed"] + 1)
     step = 0
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         changed = {
             k: (ckpt["settings"].get(k), s[k])
             for k in s
