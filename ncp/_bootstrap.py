@@ -65,7 +65,12 @@ class BootstrapMetaLoss:
             context points, so the transient graph of a full-context step never holds more
             than one chunk; takes precedence over ``MetaConfig.chunk_size`` for the target
             only. Exact for models that treat points independently; with batch norm over
-            points each chunk uses its own statistics (an approximation).
+            points each chunk uses its own statistics (an approximation). Chunks interleave the
+            points (chunk ``i`` takes every ``n``-th point from ``i``), so a support set sorted
+            by label still gives each chunk every class: on Conv4 with batch norm, contiguous
+            chunks of a label-sorted 5-way support gave a target update at cosine 0.31 to the
+            unchunked one, chunks of the shuffled support 0.94
+            (docs/reproduction/many_shot.md).
 
     Example:
         >>> import torch, ncp

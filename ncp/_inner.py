@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._params import Params, chunk_slices, task_forward
+from ._params import Params, chunk_slices, interleaved_slices, task_forward
 from .losses import LossFn
 
 
@@ -86,7 +86,7 @@ def task_gradients(
         )
     else:
         grads, total = [None for _ in names], x.new_zeros(())
-        for sl in chunk_slices(points, chunk_size):
+        for sl in interleaved_slices(points, chunk_size):
             out = task_forward(model, params, x[:, sl], vmap_tasks=vmap_tasks)
             part = loss_fn(out, y[:, sl]).sum(1)
             chunk_grads = torch.autograd.grad(part.sum() / points, inputs, allow_unused=True)

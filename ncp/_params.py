@@ -146,6 +146,17 @@ def check_chunk_size(value: object, owner: str) -> None:
         raise ValueError(f"`{owner}.chunk_size` must be a positive int or None, got {value!r}.")
 
 
+def interleaved_slices(points: int, chunk_size: int | None) -> List[slice]:
+    """Strided slices covering ``range(points)``, each of at most ``chunk_size`` points: chunk
+    ``i`` takes points ``i, i + n, i + 2n, ...`` for ``n`` chunks. For sums over points
+    (accumulated gradients) the result is that of contiguous chunks; a context sorted by label
+    still gives every chunk a mix of classes, which matters where a model normalises over the
+    points of a pass (batch norm)."""
+    size = points if chunk_size is None else chunk_size
+    n = -(-points // size)
+    return [slice(i, None, n) for i in range(n)]
+
+
 def chunk_slices(points: int, chunk_size: int | None) -> List[slice]:
     """Consecutive slices of at most ``chunk_size`` points (one slice when None)."""
     size = points if chunk_size is None else chunk_size

@@ -89,3 +89,15 @@ def test_chunk_size_validation():
         ValueError, match=r"`MetaConfig.chunk_size` must be a positive int or None, got 0"
     ):
         ncp.MetaConfig(chunk_size=0)
+
+
+def test_first_order_chunks_interleave_the_points():
+    """A label-sorted context: every chunk of a chunked gradient holds every class."""
+    from ncp._params import interleaved_slices
+
+    labels = torch.arange(5).repeat_interleave(100)  # sorted, 5 classes x 100
+    slices = interleaved_slices(500, 62)
+    assert len(slices) == 9 and sum(len(range(500)[sl]) for sl in slices) == 500
+    assert sorted(i for sl in slices for i in range(500)[sl]) == list(range(500))
+    assert all(len(range(500)[sl]) <= 62 for sl in slices)
+    assert all(set(labels[sl].tolist()) == set(range(5)) for sl in slices)
