@@ -15,7 +15,7 @@ Run from the repository root::
 
     python examples/demo.py                 # about 3 minutes on 2 CPU cores
     python examples/demo.py --smoke         # a few seconds: checks that everything runs
-    python examples/demo.py --steps 500 --resolution 64 --out runs/longer
+    python examples/demo.py --outer-steps 500 --resolution 64 --out runs/longer
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from examples.neural_fields.signals import image_context
 from examples.neural_fields.text_data import TextImages
 
 DEFAULTS: Dict[str, Any] = dict(
-    steps=150,
+    outer_steps=150,
     resolution=64,
     batch=4,
     # The paper's 1e-5 barely moves the initialisation in 150 steps; a sweep at 100 steps
     # (1e-4, 3e-4, 1e-3, 3e-3) gave GradNCP its best test PSNR from 1e-3 on (MAML's was flat).
-    lr=1e-3,
+    outer_lr=1e-3,
     clip=1.0,
     hidden=128,
     layers=3,
@@ -57,7 +57,7 @@ DEFAULTS: Dict[str, Any] = dict(
 )
 # A configuration that runs end to end in a few seconds (for tests).
 SMOKE: Dict[str, Any] = dict(
-    steps=2, resolution=16, batch=2, hidden=32, layers=3, test_images=2, test_steps=4
+    outer_steps=2, resolution=16, batch=2, hidden=32, layers=3, test_images=2, test_steps=4
 )
 
 
@@ -228,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         f"({len(train.fonts)} fonts, rendered on the fly)\n"
         f"model:   SIREN, {settings['layers']} linear layers of width {settings['hidden']}, "
         f"{n_params:,} parameters (paper: 5 x 256 on 178x178)\n"
-        f"outer:   Adam lr {settings['lr']:g}, grad clip {settings['clip']:g}, batch "
-        f"{settings['batch']}, {settings['steps']} steps per method "
+        f"outer:   Adam lr {settings['outer_lr']:g}, grad clip {settings['clip']:g}, batch "
+        f"{settings['batch']}, {settings['outer_steps']} steps per method "
         f"(paper: lr 1e-5, 150,000 steps; a larger lr suits this tiny budget)\n"
         f"test:    {len(test)} held-out images, {settings['test_steps']} full-context steps",
         flush=True,
@@ -242,9 +242,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
             model,
             cfg,
             train,
-            steps=settings["steps"],
+            steps=settings["outer_steps"],
             batch=settings["batch"],
-            lr=settings["lr"],
+            lr=settings["outer_lr"],
             clip=settings["clip"],
             desc=name,
         )
@@ -320,10 +320,14 @@ def format_table(results: Dict[str, Any], k_test: int) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, help=f"outer steps per method ({DEFAULTS['steps']})")
+    parser.add_argument(
+        "--outer-steps", type=int, help=f"outer steps per method ({DEFAULTS['outer_steps']})"
+    )
     parser.add_argument("--resolution", type=int, help=f"image side ({DEFAULTS['resolution']})")
     parser.add_argument("--batch", type=int, help=f"images per outer step ({DEFAULTS['batch']})")
-    parser.add_argument("--lr", type=float, help=f"outer Adam learning rate ({DEFAULTS['lr']:g})")
+    parser.add_argument(
+        "--outer-lr", type=float, help=f"outer Adam learning rate ({DEFAULTS['outer_lr']:g})"
+    )
     parser.add_argument("--hidden", type=int, help=f"SIREN width ({DEFAULTS['hidden']})")
     parser.add_argument("--layers", type=int, help=f"SIREN linear layers ({DEFAULTS['layers']})")
     parser.add_argument(
@@ -333,12 +337,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help=f"output folder ({DEFAULTS['out']})")
     parser.add_argument("--smoke", action="store_true", help="a tiny run of a few seconds")
     args = parser.parse_args(argv)
-    for name in ("steps", "resolution", "batch", "hidden", "layers", "test_images"):
+    for name in ("outer_steps", "resolution", "batch", "hidden", "layers", "test_images"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.outer_lr is not None and not args.outer_lr > 0:
+        parser.error(f"--outer-lr must be > 0, got {args.outer_lr}")
     return args
 
 

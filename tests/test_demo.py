@@ -29,7 +29,7 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     for name, m in results["methods"].items():
         assert m["peak_saved_bytes"] > 0, name
         assert m["seconds_per_step"] > 0, name
-        assert len(m["losses"]) == demo.SMOKE["steps"]
+        assert len(m["losses"]) == demo.SMOKE["outer_steps"]
         assert all(math.isfinite(v) for v in m["losses"]), name
         pairs = zip(m["query_losses"], m["losses"], strict=True)
         assert all(0 < q <= v for q, v in pairs), name  # the bootstrap term is >= 0
@@ -49,7 +49,7 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
 
 def test_demo_rejects_bad_flags():
     with pytest.raises(SystemExit):
-        demo.main(["--steps", "0"])
+        demo.main(["--outer-steps", "0"])
 
 
 def test_progress_fallback_prints_about_ten_lines(capsys):

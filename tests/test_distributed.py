@@ -363,7 +363,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_example_trains_with_torchrun():
-    run = _torchrun("--steps", "2", "--resolution", "12", "--hidden", "16")
+    run = _torchrun("--outer-steps", "2", "--resolution", "12", "--hidden", "16")
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == "2 processes (gloo, cpu), 2 images per process and step"
@@ -373,7 +373,7 @@ def test_example_trains_with_torchrun():
 
 
 def test_example_refuses_the_unwrapped_module():
-    run = _torchrun("--steps", "2", "--resolution", "12", "--hidden", "16", "--unwrapped")
+    run = _torchrun("--outer-steps", "2", "--resolution", "12", "--hidden", "16", "--unwrapped")
     assert run.returncode != 0
     assert "ValueError: `model` is a plain Siren in a distributed run" in run.stderr
     assert "Pass the DistributedDataParallel-wrapped model" in run.stderr
@@ -395,3 +395,23 @@ def test_example_images_are_deterministic_per_index():
     assert x.shape == (2, 100, 2) and y.shape == (2, 100, 3)
     assert_close(y[1, 10 * 3 + 4], a[1, 3, 4])
     assert_close(x[0, 10 * 9 + 9], torch.tensor([1.0, 1.0]))
+
+
+def test_example_resumes_from_its_checkpoint_exactly(tmp_path):
+    small = ("--resolution", "12", "--hidden", "16", "--ckpt-every", "1")
+    straight = _torchrun("--outer-steps", "3", *small, "--out", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    first = _torchrun("--outer-steps", "2", *small, "--out", str(tmp_path / "b"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    resumed = _torchrun("--outer-steps", "3", *small, "--out", str(tmp_path / "b"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    log = [line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if line]
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [1, 2, 3]
+    other = _torchrun("--outer-steps", "4", *small, "--ratio", "0.5", "--out", str(tmp_path / "b"))
+    assert other.returncode != 0 and "ratio: 0.25 -> 0.5" in other.stderr

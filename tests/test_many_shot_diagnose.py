@@ -39,9 +39,9 @@ def test_diagnose_reports_every_subset_and_an_exact_bootstrap_at_full_chunk(tmp_
     cfg = tiny(tmp_path, data="fashion", data_root=str(tmp_path / "fashion"), ways=3, ratio=0.34)
     train(cfg)
     out = tmp_path / "diag.json"
-    argv = ["--run-dir", cfg.run_dir, "--episodes", "2", "--split", "val", "--out", str(out)]
+    argv = ["--run", cfg.out, "--episodes", "2", "--split", "val", "--out", str(out)]
     support = cfg.ways * cfg.shots
-    result = diagnose.main([*argv, "--boot-chunk", str(support)])
+    result = diagnose.main([*argv, "--bootstrap-chunk", str(support)])
     assert json.loads(out.read_text()) == result
     for where in ("init", "adapted"):
         rows = result["batch_norm"][where]
@@ -53,8 +53,8 @@ def test_diagnose_reports_every_subset_and_an_exact_bootstrap_at_full_chunk(tmp_
     for order in ("sorted", "shuffled"):
         assert result["bootstrap"][order]["cosine_mean"] == pytest.approx(1.0, abs=1e-5)
         assert result["bootstrap"][order]["norm_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-    halves = diagnose.main([*argv, "--boot-chunk", str(support // 2)])["bootstrap"]
+    halves = diagnose.main([*argv, "--bootstrap-chunk", str(support // 2)])["bootstrap"]
     # Per-chunk batch statistics change the target.
     assert halves["sorted"]["cosine_mean"] < 1.0 - 1e-6
     with pytest.raises(FileNotFoundError, match=r"checkpoint\.pt not found"):
-        diagnose.main(["--run-dir", str(tmp_path / "none")])
+        diagnose.main(["--run", str(tmp_path / "none")])

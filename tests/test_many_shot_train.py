@@ -49,7 +49,7 @@ def tiny(tmp_path, **kw) -> RunConfig:
         "tasks": 2,
         "maml_steps": 1,
         "ratio": 0.5,
-        "boot_steps": 1,
+        "bootstrap_steps": 1,
         "outer_steps": 2,
         "eval_episodes": 4,
         "val_episodes": 2,
@@ -59,7 +59,7 @@ def tiny(tmp_path, **kw) -> RunConfig:
         "progress": False,
         "log_every": 1,
         "ckpt_every": 1,
-        "run_dir": str(tmp_path / "run"),
+        "out": str(tmp_path / "run"),
     }
     base.update(kw)
     return RunConfig(**base)
@@ -116,8 +116,8 @@ def test_run_config_errors_name_the_flag():
         RunConfig(data="mini-imagenet")
     with pytest.raises(ValueError, match="`--outer-steps` must be >= 1, got 0"):
         RunConfig(outer_steps=0)
-    with pytest.raises(ValueError, match="`--boot-chunk` must be >= 1 support points, got 0"):
-        RunConfig(boot_chunk=0)
+    with pytest.raises(ValueError, match="`--bootstrap-chunk` must be >= 1 support points, got 0"):
+        RunConfig(bootstrap_chunk=0)
     with pytest.raises(ValueError, match=r"`--clip` must be > 0, got 0\.0; pass --no-clip"):
         RunConfig(clip=0.0)
     with pytest.raises(ValueError, match=r"`--eval-modes` takes one or more of .*'best'"):
@@ -127,7 +127,9 @@ def test_run_config_errors_name_the_flag():
 
 
 def test_flags_reach_the_meta_config():
-    cfg = RunConfig(ways=5, maml_steps=2, ratio=0.25, inner_lr=0.1, balance=True, boot_chunk=125)
+    cfg = RunConfig(
+        ways=5, maml_steps=2, ratio=0.25, inner_lr=0.1, balance=True, bootstrap_chunk=125
+    )
     meta = meta_config(cfg)
     assert meta.inner_steps == 8  # the paper's rule: maml_steps / ratio
     assert meta.pruner.balance_classes == 5 and meta.pruner.ratio == 0.25
@@ -135,7 +137,9 @@ def test_flags_reach_the_meta_config():
     assert meta.bootstrap.lr == pytest.approx(0.5)  # default: 5x the inner lr
     assert meta.bootstrap.weight == 100.0
     assert cfg.clip == 1.0
-    plain = meta_config(dataclasses.replace(cfg, balance=False, boot_chunk=None, boot_lr=0.2))
+    plain = meta_config(
+        dataclasses.replace(cfg, balance=False, bootstrap_chunk=None, bootstrap_lr=0.2)
+    )
     assert plain.pruner.balance_classes is None and plain.bootstrap.chunk_size is None
     assert plain.bootstrap.lr == 0.2
     maml = meta_config(cfg, "maml")
@@ -200,7 +204,7 @@ def test_match_steps_fits_gradncp_into_maml_budget():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_fit_boot_chunk_keeps_the_horizon_and_chunks_the_bootstrap():
+def test_fit_bootstrap_chunk_keeps_the_horizon_and_chunks_the_bootstrap():
     torch.manual_seed(0)
     model = Conv4(2, in_channels=1, hidden=4, image_size=16)
     x, y = torch.randn(1, 32, 1, 16, 16), torch.arange(2).repeat(16)[None]
@@ -211,20 +215,20 @@ def test_fit_boot_chunk_keeps_the_horizon_and_chunks_the_bootstrap():
         pruner=ncp.ContextPruner(ratio=0.25),
         bootstrap=ncp.BootstrapMetaLoss(steps=1),
     )
-    fit = budget.fit_boot_chunk(model, batch, maml, ncp_cfg, slack=0.1)
+    fit = budget.fit_bootstrap_chunk(model, batch, maml, ncp_cfg, slack=0.1)
     limit = 1.1 * fit["maml_bytes"]
     assert fit["maml_bytes"] == budget.saved_bytes(model, batch, maml)
     assert fit["gradncp_bytes"] > limit  # the full-support bootstrap graph overflows
-    assert fit["gradncp_no_boot_bytes"] < limit  # the pruned steps alone fit
-    assert fit["boot_chunk"] is not None and fit["gradncp_chunked_bytes"] <= limit
-    boot = dataclasses.replace(ncp_cfg.bootstrap, chunk_size=2 * fit["boot_chunk"])
+    assert fit["gradncp_no_bootstrap_bytes"] < limit  # the pruned steps alone fit
+    assert fit["bootstrap_chunk"] is not None and fit["gradncp_chunked_bytes"] <= limit
+    boot = dataclasses.replace(ncp_cfg.bootstrap, chunk_size=2 * fit["bootstrap_chunk"])
     bigger = budget.saved_bytes(model, batch, dataclasses.replace(ncp_cfg, bootstrap=boot))
     assert bigger > limit  # the largest candidate chunk that fits
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match=r"even with a bootstrap chunk of 1 point"):
-        budget.fit_boot_chunk(model, batch, maml, ncp_cfg, slack=0.0)
+        budget.fit_bootstrap_chunk(model, batch, maml, ncp_cfg, slack=0.0)
     with pytest.raises(ValueError, match=r"`slack` must be in \[0, 1\), got 2"):
-        budget.fit_boot_chunk(model, batch, maml, ncp_cfg, slack=2)
+        budget.fit_bootstrap_chunk(model, batch, maml, ncp_cfg, slack=2)
 
 
 def test_smoke_train_and_evaluate_both_methods_and_loaders(tmp_path):
@@ -232,7 +236,7 @@ def test_smoke_train_and_evaluate_both_methods_and_loaders(tmp_path):
     write_fashion(tmp_path / "fashion")
     mini = tiny(tmp_path, data="mini-imagenet", data_root=str(tmp_path / "mini"), method="maml")
     fashion = tiny(
-        tmp_path, data="fashion", data_root=str(tmp_path / "fashion"), run_dir=str(tmp_path / "f")
+        tmp_path, data="fashion", data_root=str(tmp_path / "fashion"), out=str(tmp_path / "f")
     )
     for cfg in (mini, fashion):
         result = run(cfg)
@@ -244,7 +248,7 @@ def test_smoke_train_and_evaluate_both_methods_and_loaders(tmp_path):
                 assert (r["coverage"] is not None) == (mode == "pruned")
         assert result["saved_bytes_per_task"] > 0
         assert len(result["learned_lr"]) == result["inner_steps"]
-        lines = (tmp_path / cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = (tmp_path / cfg.out / "metrics.jsonl").read_text().splitlines()
         logged = [json.loads(x) for x in lines]
         assert [r["step"] for r in logged] == [1, 2]
         assert all(math.isfinite(r["loss"]) for r in logged)
@@ -286,11 +290,9 @@ def test_eval_modes_differ_and_balanced_pruning_keeps_every_class(tmp_path):
 def test_resume_is_exact(tmp_path):
     write_fashion(tmp_path / "fashion")
     root = str(tmp_path / "fashion")
-    flags = {"data": "fashion", "data_root": root, "balance": True, "boot_chunk": 3}
-    straight, straight_lr = train(
-        tiny(tmp_path, **flags, outer_steps=4, run_dir=str(tmp_path / "a"))
-    )
-    half = tiny(tmp_path, **flags, outer_steps=2, run_dir=str(tmp_path / "b"))
+    flags = {"data": "fashion", "data_root": root, "balance": True, "bootstrap_chunk": 3}
+    straight, straight_lr = train(tiny(tmp_path, **flags, outer_steps=4, out=str(tmp_path / "a")))
+    half = tiny(tmp_path, **flags, outer_steps=2, out=str(tmp_path / "b"))
     _, half_lr = train(half)
     resumed, resumed_lr = train(dataclasses.replace(half, outer_steps=4))
     assert not torch.equal(half_lr.rates[0], resumed_lr.rates[0])  # the rates kept training
@@ -330,9 +332,9 @@ def test_compare_reports_every_arm_over_seeds_and_picks_the_mode_on_validation(t
     mem = summary["memory"]
     assert mem["gradncp_steps"] == 4 and s["gradncp"]["inner_steps"] == 4  # rule kept
     assert mem["gradncp_bytes"] > 0 and mem["maml_bytes"] > 0
-    if mem["boot_chunk"] is not None:  # chunked only when the unchunked bootstrap overflows
+    if mem["bootstrap_chunk"] is not None:  # chunked only when the unchunked bootstrap overflows
         assert mem["gradncp_bytes"] > mem["maml_bytes"] >= mem["gradncp_chunked_bytes"]
-    assert s["gradncp-balanced"]["boot_chunk"] == mem["boot_chunk"]
+    assert s["gradncp-balanced"]["bootstrap_chunk"] == mem["bootstrap_chunk"]
     for arm in ARMS:
         assert s[arm]["seeds"] == [0, 1]
         val = s[arm]["eval"]["val"]

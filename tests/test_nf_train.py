@@ -29,7 +29,9 @@ def _log_losses(out):
 
 
 def test_resume_after_interruption_is_exact(tmp_path):
-    kw = dict(data="text", score="random", inner_steps=2, steps=2, ckpt_every=100, eval_every=100)
+    kw = dict(
+        data="text", score="random", inner_steps=2, outer_steps=2, ckpt_every=100, eval_every=100
+    )
     kw["learned_lr"] = "step"  # Meta-SGD rates are meta-parameters: saved and restored too
     straight = train.train(_settings(tmp_path / "a", **kw))
     first = train.train(_settings(tmp_path / "b", **kw), stop_after=1)
@@ -52,7 +54,7 @@ def test_resume_after_interruption_is_exact(tmp_path):
 
 
 def test_resume_moved_the_parameters(tmp_path):
-    kw = dict(data="text", method="maml", inner_steps=1, steps=2)
+    kw = dict(data="text", method="maml", inner_steps=1, outer_steps=2)
     torch.manual_seed(0)
     init = train.make_model(_settings(tmp_path, **kw), train.load_data(_settings(tmp_path, **kw)))
     done = train.train(_settings(tmp_path / "r", **kw))
@@ -66,15 +68,15 @@ def test_resume_moved_the_parameters(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    kw = dict(data="text", method="maml", inner_steps=1, steps=1)
+    kw = dict(data="text", method="maml", inner_steps=1, outer_steps=1)
     train.train(_settings(tmp_path, **kw))
-    with pytest.raises(ValueError, match=r"other settings \{'lr'"):
-        train.train(_settings(tmp_path, **{**kw, "lr": 0.5}))
+    with pytest.raises(ValueError, match=r"other settings \(outer_lr: 1e-05 -> 0\.5"):
+        train.train(_settings(tmp_path, **{**kw, "outer_lr": 0.5}))
 
 
 def test_paper_defaults():
     s = train.PAPER
-    assert (s["lr"], s["clip"], s["batch"], s["inner_lr"]) == (1e-5, 1.0, 8, 1e-2)
+    assert (s["outer_lr"], s["clip"], s["batch"], s["inner_lr"]) == (1e-5, 1.0, 8, 1e-2)
     assert (s["bootstrap_steps"], s["bootstrap_weight"], s["bootstrap_lr"]) == (5, 100.0, 5e-2)
     gradncp = train.make_config({**s, "method": "gradncp"})
     maml = train.make_config({**s, "method": "maml"})
@@ -128,7 +130,7 @@ def test_cli_rejects_bad_flags(capsys):
         train.main(["--smoke", "--ratio", "1.5"])
     assert "--ratio must be in (0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.main(["--smoke", "--steps", "0"])
+        train.main(["--smoke", "--outer-steps", "0"])
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +267,17 @@ def test_every_signal_kind_trains_and_evaluates(tmp_path, data, make_root, extra
     root = make_root(tmp_path)
     out = tmp_path / "run"
     argv = ["--smoke", "--data", data, "--root", str(root), "--out", str(out)]
-    argv += ["--method", "maml", "--inner-steps", "1", "--steps", "1", "--seconds", "0.02", *extra]
+    argv += [
+        "--method",
+        "maml",
+        "--inner-steps",
+        "1",
+        "--outer-steps",
+        "1",
+        "--seconds",
+        "0.02",
+        *extra,
+    ]
     result = train.main(argv)
     assert result["step"] == 1
     res = evaluate.main(
@@ -350,9 +362,9 @@ def test_fell_counts_seeds_that_ended_below_their_best(tmp_path):
 
 def test_reproduce_rejects_bad_options(capsys):
     for argv, message in (
-        (["run", "--set", "steps"], "KEY=VALUE"),
+        (["run", "--set", "outer_steps"], "KEY=VALUE"),
         (["run", "--set", "stepz=3"], "KEY=VALUE"),
-        (["run", "--set", "steps=many"], "needs a int value, got 'many'"),
+        (["run", "--set", "outer_steps=many"], "needs a int value, got 'many'"),
         (["run", "--runs", "nope"], "not runs of preset 'cpu'"),
         (["run", "--root", "x"], "--root is for --preset gpu"),
         (["run", "--seeds", "-1"], "--seeds must be >= 0"),
@@ -384,7 +396,7 @@ def test_gpu_preset_runs_tiny_on_cpu_and_writes_its_row(tmp_path):
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
     out = tmp_path / "gpu"
-    tiny = ["steps=2", "resolution=16", "hidden=16", "layers=2", "batch=2", "eval_every=2"]
+    tiny = ["outer_steps=2", "resolution=16", "hidden=16", "layers=2", "batch=2", "eval_every=2"]
     tiny += ["eval_signals=1", "ckpt_every=2", "test_steps=2"]
     cmds = reproduce.commands("deep_sky178_gradncp", str(out), preset="gpu", device="cuda")
     full = " ".join(cmds[0])
@@ -412,7 +424,7 @@ def test_reproduce_skips_finished_commands(tmp_path):
     run.mkdir()
     assert not reproduce._done(train_cmd, str(run))  # no checkpoint yet
     (run / "checkpoint.pt").write_bytes(b"")
-    steps = reproduce.COMMON["steps"]
+    steps = reproduce.COMMON["outer_steps"]
     (run / "metrics.jsonl").write_text(json.dumps({"step": steps - 50, "event": "eval"}) + "\n")
     assert not reproduce._done(train_cmd, str(run))  # interrupted before the last step
     with open(run / "metrics.jsonl", "a") as f:
@@ -444,7 +456,7 @@ def test_gradnorm_ratio_of_pruned_to_full_gradient(text_run):
         norm = lambda gs: torch.sqrt(sum((g**2).sum() for g in gs))  # noqa: E731
         assert r[0, t].item() == pytest.approx((norm(gp) / norm(gf)).item(), rel=1e-5)
     lines = gradnorm.main(
-        ["--run", str(text_run), "--ratios", "0.5", "--steps", "2", "--signals", "2"]
+        ["--run", str(text_run), "--ratios", "0.5", "--inner-steps", "2", "--signals", "2"]
     )
     assert lines[1].startswith("ratio 0.5 (at most 2): ") and "| max " in lines[1]
     with pytest.raises(SystemExit):

@@ -8,7 +8,7 @@ processes talk over gloo; with CUDA each process takes the GPU ``LOCAL_RANK`` an
 
 Run from the repository root::
 
-    torchrun --nproc_per_node=2 examples/distributed/train_ddp.py --steps 20
+    torchrun --nproc_per_node=2 examples/distributed/train_ddp.py --outer-steps 20
     torchrun --nproc_per_node=2 examples/distributed/train_ddp.py --data text   # rendered Text
     torchrun --nproc_per_node=2 examples/distributed/train_ddp.py --unwrapped   # the misuse
 
@@ -24,7 +24,7 @@ import gc
 import math
 import os
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,11 +35,12 @@ if __package__ in (None, ""):  # run as a script (torchrun does): make `examples
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import ncp
+from examples import harness
 from examples.neural_fields.models import Siren
 from examples.neural_fields.signals import grid_coordinates, image_context
 
 DEFAULTS: Dict[str, Any] = dict(
-    steps=100,
+    outer_steps=100,
     batch=2,  # images per rank and step
     resolution=32,
     hidden=64,
@@ -47,10 +48,13 @@ DEFAULTS: Dict[str, Any] = dict(
     inner_steps=4,
     ratio=0.25,
     bootstrap_steps=3,
-    lr=1e-3,
+    outer_lr=1e-3,
     data="blobs",
     seed=0,
+    ckpt_every=25,
 )
+# What a resumed run may change (see examples/harness.py); everything else must match.
+MAY_CHANGE_ON_RESUME = ("outer_steps", "ckpt_every", "out", "restart", "unwrapped")
 
 
 def blob_images(indices: Sequence[int], resolution: int, seed: int = 0) -> Tensor:
@@ -117,6 +121,44 @@ def parameters_in_sync(model: torch.nn.Module) -> bool:
     return bool(torch.equal(high, low))
 
 
+def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
+    """The run's settings as saved in its checkpoint."""
+    return {k: v for k, v in vars(args).items() if k != "out"}
+
+
+def resume(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    rank: int,
+) -> Tuple[int, harness.MetricsLog | None]:
+    """With ``--out``: load ``out/checkpoint.pt`` on every rank when it exists (unless
+    ``--restart``) and return the step to start from and, on rank 0, the run's log. The
+    images of a step depend on the step alone, so a resumed run sees what it would have seen."""
+    if args.out is None:
+        return 0, None
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, harness.CHECKPOINT)
+    log = harness.MetricsLog(os.path.join(args.out, harness.LOG)) if rank == 0 else None
+    start = 0
+    if os.path.exists(path) and not args.restart:
+        state = harness.load_checkpoint(path, device)
+        harness.check_resume(
+            state["settings"], settings_of(args), may_change=MAY_CHANGE_ON_RESUME, path=path
+        )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if log is not None:
+            log.truncate(start)
+    elif log is not None:
+        log.clear()
+    if rank == 0 and start:
+        print(f"resumed from {path} at step {start}", flush=True)
+    return start, log
+
+
 def train(args: argparse.Namespace, device: torch.device, rank: int, world: int) -> List[float]:
     """Meta-train on this rank's images; returns the meta-loss over all ranks at every step."""
     torch.manual_seed(args.seed)  # DDP also broadcasts rank 0's parameters on wrapping
@@ -124,7 +166,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int)
     ddp_model = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
-    optimizer = torch.optim.Adam(ddp_model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(ddp_model.parameters(), lr=args.outer_lr)
     cfg = ncp.MetaConfig(
         inner_steps=args.inner_steps,
         pruner=ncp.ContextPruner(ratio=args.ratio),
@@ -136,8 +178,9 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int)
             f"{args.batch} images per process and step",
             flush=True,
         )
+    start, log = resume(args, model, optimizer, device, rank)
     history = []
-    for step in range(args.steps):
+    for step in range(start, args.outer_steps):
         images = load_images(args, rank_indices(step, rank, world, args.batch))
         x, y = image_context(images.to(device))
         meta_model = ddp_model.module if args.unwrapped else ddp_model
@@ -151,12 +194,19 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int)
         dist.all_reduce(logged)
         meta_loss, mse = (logged / world).tolist()
         history.append(meta_loss)
-        if rank == 0 and (step % max(1, args.steps // 10) == 0 or step == args.steps - 1):
+        done = step + 1
+        if rank == 0 and (step % max(1, args.outer_steps // 10) == 0 or done == args.outer_steps):
             print(
-                f"step {step + 1}/{args.steps}  meta-loss {meta_loss:.4f}  "
+                f"step {done}/{args.outer_steps}  meta-loss {meta_loss:.4f}  "
                 f"query PSNR {-10 * math.log10(mse):.2f} dB",
                 flush=True,
             )
+        if log is not None:  # rank 0 of a run with --out
+            log.write({"step": done, "loss": meta_loss, "query_loss": mse})
+            if done % args.ckpt_every == 0 or done == args.outer_steps:
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                state.update(step=done, settings=settings_of(args))
+                harness.save_checkpoint(state, os.path.join(args.out, harness.CHECKPOINT))
     in_sync = parameters_in_sync(model)
     if rank == 0:
         print(f"parameters identical on all ranks: {in_sync}", flush=True)
@@ -182,7 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Distributed GradNCP meta-training of a SIREN (launch with torchrun)."
     )
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="outer steps")
+    p.add_argument("--outer-steps", type=int, default=DEFAULTS["outer_steps"], help="outer steps")
     p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="images per process")
     p.add_argument("--resolution", type=int, default=DEFAULTS["resolution"])
     p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"], help="SIREN width")
@@ -190,7 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-steps", type=int, default=DEFAULTS["inner_steps"])
     p.add_argument("--ratio", type=float, default=DEFAULTS["ratio"], help="context kept")
     p.add_argument("--bootstrap-steps", type=int, default=DEFAULTS["bootstrap_steps"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="outer (Adam) rate")
+    p.add_argument("--outer-lr", type=float, default=DEFAULTS["outer_lr"], help="outer Adam lr")
     p.add_argument(
         "--data",
         choices=("blobs", "text"),
@@ -198,21 +248,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="generated blobs, or the rendered Text images (needs Pillow and matplotlib)",
     )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--out", help="run folder: checkpoints (resumed when present), metrics.jsonl")
+    p.add_argument("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"])
+    p.add_argument("--restart", action="store_true", help="ignore the checkpoint in --out")
     p.add_argument(
         "--unwrapped",
         action="store_true",
         help="pass ddp_model.module to ncp.meta_step (the misuse ncp refuses)",
     )
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "hidden", "inner_steps", "bootstrap_steps"):
+    for name in ("outer_steps", "batch", "hidden", "inner_steps", "bootstrap_steps", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.resolution < (16 if args.data == "text" else 2):
         p.error(f"--resolution is too small, got {args.resolution}")
     if args.layers < 2:
         p.error(f"--layers must be >= 2, got {args.layers}")
-    if not (0 < args.ratio <= 1 and math.isfinite(args.lr) and args.lr > 0):
-        p.error("--ratio must be in (0, 1] and --lr > 0")
+    if not 0 < args.ratio <= 1:
+        p.error(f"--ratio must be in (0, 1], got {args.ratio}")
+    if not (math.isfinite(args.outer_lr) and args.outer_lr > 0):
+        p.error(f"--outer-lr must be > 0, got {args.outer_lr}")
     return args
 
 

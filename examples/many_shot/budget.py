@@ -48,7 +48,7 @@ def match_steps(
     return plan.cfg.inner_steps, plan.saved_bytes, plan.budget
 
 
-def fit_boot_chunk(
+def fit_bootstrap_chunk(
     model: nn.Module,
     batch: Sequence[Tensor],
     maml: ncp.MetaConfig,
@@ -76,8 +76,8 @@ def fit_boot_chunk(
         slack: tolerated excess over MAML's bytes, as a fraction.
 
     Returns:
-        ``maml_bytes``; ``gradncp_bytes`` (unchunked bootstrap); ``gradncp_no_boot_bytes``
-        (no bootstrap: the rule alone); ``boot_chunk`` (None when the unchunked bootstrap
+        ``maml_bytes``; ``gradncp_bytes`` (unchunked bootstrap); ``gradncp_no_bootstrap_bytes``
+        (no bootstrap: the rule alone); ``bootstrap_chunk`` (None when the unchunked bootstrap
         fits) and ``gradncp_chunked_bytes`` (with that chunk, else None).
 
     Raises:
@@ -102,9 +102,9 @@ def fit_boot_chunk(
     out: Dict[str, Any] = {
         "maml_bytes": budget,
         "gradncp_bytes": used,
-        "gradncp_no_boot_bytes": bare,
+        "gradncp_no_bootstrap_bytes": bare,
         "slack": slack,
-        "boot_chunk": None,
+        "bootstrap_chunk": None,
         "gradncp_chunked_bytes": None,
     }
     if used <= limit:
@@ -113,7 +113,7 @@ def fit_boot_chunk(
     while chunk >= 1:
         chunked = cost(chunk)
         if chunked <= limit:
-            out.update(boot_chunk=chunk, gradncp_chunked_bytes=chunked)
+            out.update(bootstrap_chunk=chunk, gradncp_chunked_bytes=chunked)
             return out
         chunk //= 2
     raise ValueError(

@@ -6,7 +6,7 @@ Run from the repository root::
     python -m examples.many_shot.compare --data glyphs --ways 5 --shots 100 --seeds 0 1 2 \\
         --fit-memory --out runs/many_shot/glyphs-5w100s
 
-Takes every flag of :mod:`examples.many_shot.train` (``--run-dir`` and ``--method`` excepted)
+Takes every flag of :mod:`examples.many_shot.train` (``--method`` excepted; ``--out`` is the folder of the comparison)
 and runs each arm (``maml``, ``gradncp``: the paper's global top-k, ``gradncp-balanced``:
 ``--balance``) and seed in ``OUT/ARM-sSEED`` (a rerun resumes unfinished runs and reuses
 finished ones), then writes ``OUT/summary.json`` and ``OUT/summary.md``: per arm and per
@@ -14,7 +14,7 @@ evaluation mode, the validation and test accuracy of each seed, their mean, stan
 and 95 % confidence interval over seeds, and the headline mode, the one with the best mean
 validation accuracy (never chosen on test). With ``--fit-memory`` GradNCP keeps the paper's
 horizon ``maml_steps / ratio`` and, when the measured saved bytes of one outer step exceed
-MAML's, its bootstrap is chunked until they fit (:func:`budget.fit_boot_chunk`).
+MAML's, its bootstrap is chunked until they fit (:func:`budget.fit_bootstrap_chunk`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .budget import fit_boot_chunk
+from .. import harness
+from .budget import fit_bootstrap_chunk
 from .episodes import EpisodeSampler
 from .model import build_model
 from .train import (
@@ -56,13 +57,13 @@ def arm_config(base: RunConfig, arm: str, seed: int, out: Path) -> RunConfig:
     """The run configuration of ``arm`` and ``seed`` under ``out``."""
     if arm not in ARMS:
         raise ValueError(f"`--arms` entries must be in {list(ARMS)}, got {arm!r}.")
-    return dataclasses.replace(base, **ARMS[arm], seed=seed, run_dir=str(out / f"{arm}-s{seed}"))
+    return dataclasses.replace(base, **ARMS[arm], seed=seed, out=str(out / f"{arm}-s{seed}"))
 
 
 def fit_memory(cfg: RunConfig, slack: float = 0.01) -> Dict[str, Any]:
     """Measure MAML's and GradNCP's saved bytes (GradNCP at ``cfg``'s horizon, global top-k)
     on one training episode and the bootstrap chunk that makes GradNCP fit; see
-    :func:`examples.many_shot.budget.fit_boot_chunk`."""
+    :func:`examples.many_shot.budget.fit_bootstrap_chunk`."""
     splits = load_splits(cfg)
     device = torch.device(cfg.device)
     model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed)
@@ -70,7 +71,7 @@ def fit_memory(cfg: RunConfig, slack: float = 0.01) -> Dict[str, Any]:
     sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
     batch = sampler.sample(1).to(device).batch()
     gradncp = dataclasses.replace(cfg, method="gradncp", balance=False)
-    out = fit_boot_chunk(
+    out = fit_bootstrap_chunk(
         model,
         batch,
         meta_config(cfg, "maml"),
@@ -125,10 +126,10 @@ def summarise(results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
         out[arm] = {
             "inner_steps": runs[0]["inner_steps"],
             "test_steps": runs[0]["test_steps"],
-            "outer_steps": runs[0]["config"]["outer_steps"],
-            "boot_chunk": runs[0]["config"].get("boot_chunk"),
+            "outer_steps": runs[0]["settings"]["outer_steps"],
+            "bootstrap_chunk": runs[0]["settings"].get("bootstrap_chunk"),
             "saved_bytes_per_task": runs[0]["saved_bytes_per_task"],
-            "seeds": [r["config"]["seed"] for r in runs],
+            "seeds": [r["settings"]["seed"] for r in runs],
             "eval": table,
             "headline_mode": headline,
             "headline_test": None
@@ -235,22 +236,30 @@ def compare(
     budget = None
     if memory:
         budget = fit_memory(base, slack)
-        base = dataclasses.replace(base, boot_chunk=budget["boot_chunk"])
+        base = dataclasses.replace(base, bootstrap_chunk=budget["bootstrap_chunk"])
     results: Dict[str, List[Dict[str, Any]]] = {a: [] for a in arms}
     for seed in seeds:
         for arm in arms:
             cfg = arm_config(base, arm, seed, out)
-            done = Path(cfg.run_dir) / "result.json"
+            done = Path(cfg.out) / "result.json"
             if done.is_file() and not cfg.restart:
-                prior = json.loads(done.read_text())
-                if prior["config"] == cfg.to_dict():
+                prior = read_result(done)
+                if prior["settings"] == cfg.to_dict():
                     results[arm].append(prior)
                     continue
             results[arm].append(run_one(cfg))
-    summary = {"summary": summarise(results), "memory": budget, "config": base.to_dict()}
+    summary = {"summary": summarise(results), "memory": budget, "settings": base.to_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary["summary"], _title(base.to_dict(), seeds)))
     return summary
+
+
+def read_result(path: Path) -> Dict[str, Any]:
+    """A run's ``result.json``, its settings upgraded to today's names (ncp 0.2.0 wrote them
+    under ``config`` with other spellings; see :func:`examples.harness.upgrade`)."""
+    result = json.loads(path.read_text())
+    result["settings"] = harness.upgrade(result.pop("config", None) or result["settings"])
+    return result
 
 
 def summarise_dir(out: Path) -> Dict[str, Any]:
@@ -258,14 +267,14 @@ def summarise_dir(out: Path) -> Dict[str, Any]:
     anything; writes ``summary.json`` and ``summary.md`` there."""
     results: Dict[str, List[Dict[str, Any]]] = {}
     for arm in ARMS:
-        runs = [json.loads(p.read_text()) for p in out.glob(f"{arm}-s*/result.json")]
+        runs = [read_result(p) for p in out.glob(f"{arm}-s*/result.json")]
         if runs:
-            results[arm] = sorted(runs, key=lambda r: r["config"]["seed"])
+            results[arm] = sorted(runs, key=lambda r: r["settings"]["seed"])
     if not results:
         raise FileNotFoundError(f"no finished run (ARM-sSEED/result.json) under {out}.")
-    first = next(iter(results.values()))[0]["config"]
-    seeds = sorted({r["config"]["seed"] for runs in results.values() for r in runs})
-    summary = {"summary": summarise(results), "memory": None, "config": first}
+    first = next(iter(results.values()))[0]["settings"]
+    seeds = sorted({r["settings"]["seed"] for runs in results.values() for r in runs})
+    summary = {"summary": summarise(results), "memory": None, "settings": first}
     prior = out / "summary.json"
     if prior.is_file():
         summary["memory"] = json.loads(prior.read_text()).get("memory")
@@ -280,7 +289,7 @@ def parse(argv: Sequence[str] | None) -> Tuple[argparse.Namespace, RunConfig]:
     add_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--out", default="runs/many_shot/compare")
+    parser.set_defaults(out="runs/many_shot/compare")  # the comparison's folder
     parser.add_argument(
         "--fit-memory",
         action="store_true",

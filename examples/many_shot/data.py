@@ -19,7 +19,6 @@ first use, never into the repository.
 from __future__ import annotations
 
 import csv
-import glob
 import gzip
 import hashlib
 import json
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from examples.neural_fields.text_data import load_font, renders_characters
+from examples.neural_fields.text_data import load_font, usable_fonts
 
 SPLITS = ("train", "val", "test")
 CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits
@@ -346,34 +345,23 @@ def builtin_font_dirs() -> List[Path]:
     return [Path(matplotlib.get_data_path()) / "fonts" / "ttf", Path("/usr/share/fonts")]
 
 
-def _usable_font(path: str) -> bool:
-    """Whether every character renders ink, distinct from the missing-glyph box and each other."""
-    return renders_characters(path, CHARACTERS, size=32)
-
-
 def find_fonts(dirs: Sequence[str | os.PathLike]) -> Tuple[str, ...]:
     """Usable ``.ttf``/``.otf`` fonts under ``dirs`` (searched recursively), one per file name,
-    sorted by file name; symbol, small-capital and swash fonts are left out.
+    sorted by file name; symbol, small-capital and swash fonts are left out, and so is any font
+    that does not draw every character of :data:`CHARACTERS` distinctly.
 
     Raises:
         RuntimeError: when no usable font is found.
     """
-    found: Dict[str, str] = {}
-    for folder in dirs:
-        for path in sorted(glob.glob(os.path.join(str(folder), "**", "*"), recursive=True)):
-            name = os.path.basename(path)
-            if not name.lower().endswith((".ttf", ".otf")) or name in found:
-                continue
-            if any(bad.lower() in name.lower() for bad in _EXCLUDED_FONTS):
-                continue
-            if _usable_font(path):
-                found[name] = path
-    if not found:
-        raise RuntimeError(
-            f"no usable .ttf/.otf font found under {[str(d) for d in dirs]}; install matplotlib "
-            '(pip install "ncp[examples]") or use --fonts debian.'
-        )
-    return tuple(found[n] for n in sorted(found))
+    return usable_fonts(
+        dirs,
+        CHARACTERS,
+        suffixes=(".ttf", ".otf"),
+        excluded=_EXCLUDED_FONTS,
+        recursive=True,
+        size=32,
+        hint='install matplotlib (pip install "ncp[examples]") or use --fonts debian.',
+    )
 
 
 def render_glyph(

@@ -3,7 +3,7 @@ kept points against the full support set, and the chunked bootstrap against the 
 
 Run from the repository root on a finished run folder::
 
-    python -m examples.many_shot.diagnose --run-dir runs/many_shot/v2/glyphs-5w100s/gradncp-s0 \\
+    python -m examples.many_shot.diagnose --run runs/many_shot/v2/glyphs-5w100s/gradncp-s0 \\
         --episodes 20 --out runs/many_shot/v2/diagnose-glyphs.json
 
 1. **Batch norm.** The score of a point is computed in a forward pass over the whole support set,
@@ -17,7 +17,7 @@ Run from the repository root on a finished run folder::
    the same size as a reference. At the meta-learned initialisation and after the run's pruned
    adaptation.
 2. **Chunked bootstrap.** The bootstrap target from ``theta_K`` computed on the whole support
-   set at once and in chunks of ``--boot-chunk`` points (batch norm then normalises each chunk
+   set at once and in chunks of ``--bootstrap-chunk`` points (batch norm then normalises each chunk
    with its own statistics, like ghost batch norm): the cosine between the two target updates
    ``theta_boot - theta_K`` and the ratio of their norms, with the support in the sampler's
    order (sorted by label: a chunk holds one or two classes) and shuffled as training does
@@ -41,6 +41,7 @@ from torch.func import functional_call
 import ncp
 from ncp.functional import balanced_top_k_indices, top_k_indices
 
+from .. import harness
 from .episodes import EpisodeSampler, shuffle_support
 from .model import build_model
 from .train import RunConfig, bootstrap, eval_config, learned_lr, load_splits
@@ -53,8 +54,8 @@ def load_run(run_dir: Path) -> tuple[RunConfig, nn.Module, ncp.LearnedLR | None]
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt} not found; pass the folder of a trained run.")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cfg = RunConfig(**{**state["config"], "device": "cpu", "run_dir": str(run_dir)})
+    state = harness.load_checkpoint(ckpt, "cpu")
+    cfg = RunConfig(**{**state["settings"], "device": "cpu", "out": str(run_dir)})
     model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed)
     model.load_state_dict(state["model"])
     rates = learned_lr(cfg, model)
@@ -215,8 +216,8 @@ def bootstrap_chunking(
     out: Dict[str, Any] = {
         "chunk": chunk,
         "support_points": int(ep.support_x.shape[1]),
-        "boot_steps": whole.steps,
-        "boot_lr": whole.lr,
+        "bootstrap_steps": whole.steps,
+        "bootstrap_lr": whole.lr,
         "tasks": episodes,
     }
     for order, (x, y) in (
@@ -252,7 +253,7 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += [
             "",
             f"bootstrap target update, chunks of {b['chunk']} vs all {b['support_points']} "
-            f"points ({b['boot_steps']} steps, lr {b['boot_lr']:g}, {b['tasks']} tasks):",
+            f"points ({b['bootstrap_steps']} steps, lr {b['bootstrap_lr']:g}, {b['tasks']} tasks):",
             "",
             "| support order | cosine, mean | cosine, min | norm ratio |",
             "|---|---|---|---|",
@@ -269,14 +270,14 @@ def markdown(result: Dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     """CLI entry point; prints the tables and writes ``--out`` (JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--run", required=True, help="folder of a trained run")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--split", choices=("train", "val", "test"), default="val")
     parser.add_argument(
-        "--boot-chunk",
+        "--bootstrap-chunk",
         type=int,
         default=None,
-        help="chunk of the bootstrap comparison; default the run's --boot-chunk (skipped if none)",
+        help="chunk of the bootstrap comparison; default the run's --bootstrap-chunk (skipped if none)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -284,16 +285,16 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     if args.episodes < 1:
         raise ValueError(f"`--episodes` must be >= 1, got {args.episodes}.")
     torch.set_num_threads(args.threads)
-    cfg, model, rates = load_run(Path(args.run_dir))
+    cfg, model, rates = load_run(Path(args.run))
     if cfg.norm != "batch":
-        raise ValueError(f"{args.run_dir} uses --norm {cfg.norm}; the diagnosis is for batch norm.")
+        raise ValueError(f"{args.run} uses --norm {cfg.norm}; the diagnosis is for batch norm.")
     result: Dict[str, Any] = {
-        "run_dir": args.run_dir,
+        "run": args.run,
         "split": args.split,
         "episodes": args.episodes,
         "batch_norm": batch_norm_gaps(cfg, model, rates, args.episodes, args.split),
     }
-    chunk = cfg.boot_chunk if args.boot_chunk is None else args.boot_chunk
+    chunk = cfg.bootstrap_chunk if args.bootstrap_chunk is None else args.bootstrap_chunk
     if chunk is not None:
         result["bootstrap"] = bootstrap_chunking(
             cfg, model, rates, args.episodes, args.split, chunk

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m examples.many_shot.train --data glyphs --method gradncp --ways 5 --shots 100 \\
-        --run-dir runs/many_shot/glyphs-5w100s/gradncp-s0
+        --out runs/many_shot/glyphs-5w100s/gradncp-s0
 
 Every setting is a flag (``--help``). A run folder holds ``config.json``, ``metrics.jsonl`` (one
 JSON object per logged step), ``checkpoint.pt`` (model, optimizer, random states, step and
@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import ncp
 
+from .. import harness
 from . import data
 from .budget import saved_bytes
 from .episodes import EpisodeSampler, shuffle_support
@@ -43,37 +42,26 @@ LEARNED_LR = ("step", "parameter", "none")
 # Test-time adaptation modes: full-context steps, full-context steps rescaled to the pruned
 # context's gradient norm (GradRescaler), and steps on the pruned context itself.
 EVAL_MODES = ("plain", "rescaled", "pruned")
-# Settings that must not change when a run resumes (the rest: horizon, logging, evaluation).
-_FROZEN = (
-    "data",
-    "data_root",
-    "image_size",
-    "fonts",
-    "variants",
-    "split_seed",
-    "fashion_val",
-    "ways",
-    "shots",
-    "queries",
-    "tasks",
-    "hidden",
-    "norm",
-    "method",
-    "maml_steps",
-    "inner_steps",
-    "inner_lr",
-    "first_order",
-    "ratio",
-    "score",
-    "balance",
-    "learned_lr",
-    "boot_steps",
-    "boot_chunk",
-    "boot_lr",
-    "boot_weight",
-    "outer_lr",
-    "clip",
-    "seed",
+# Settings a resumed run may change: the horizon, logging, evaluation and where it runs. Any
+# other setting must match the checkpoint's (an allow-list: a new setting is frozen by default).
+MAY_CHANGE_ON_RESUME = (
+    "outer_steps",
+    "eval_episodes",
+    "val_episodes",
+    "eval_tasks",
+    "test_steps",
+    "eval_seed",
+    "rescale",
+    "eval_modes",
+    "eval_splits",
+    "device",
+    "threads",
+    "out",
+    "log_every",
+    "ckpt_every",
+    "restart",
+    "evaluate",
+    "progress",
 )
 
 
@@ -110,10 +98,10 @@ class RunConfig:
     score: str = "gradncp"
     balance: bool = False
     learned_lr: str = "step"
-    boot_steps: int = 5
-    boot_lr: float | None = None
-    boot_weight: float = 100.0
-    boot_chunk: int | None = None
+    bootstrap_steps: int = 5
+    bootstrap_lr: float | None = None
+    bootstrap_weight: float = 100.0
+    bootstrap_chunk: int | None = None
     # outer loop
     outer_steps: int = 500
     outer_lr: float = 1e-3
@@ -131,7 +119,7 @@ class RunConfig:
     # running
     device: str = "cpu"
     threads: int | None = None
-    run_dir: str = "runs/many_shot/run"
+    out: str = "runs/many_shot/run"
     log_every: int = 10
     ckpt_every: int = 50
     restart: bool = False
@@ -174,9 +162,9 @@ class RunConfig:
                 raise ValueError(
                     f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)!r}."
                 )
-        if self.boot_chunk is not None and self.boot_chunk < 1:
+        if self.bootstrap_chunk is not None and self.bootstrap_chunk < 1:
             raise ValueError(
-                f"`--boot-chunk` must be >= 1 support points, got {self.boot_chunk!r}; omit it "
+                f"`--bootstrap-chunk` must be >= 1 support points, got {self.bootstrap_chunk!r}; omit it "
                 "to take each bootstrap step on the whole support set at once."
             )
         if self.clip is not None and not self.clip > 0:
@@ -212,9 +200,9 @@ class RunConfig:
         return max(1, round(self.maml_steps / self.ratio))
 
     @property
-    def bootstrap_lr(self) -> float:
-        """The bootstrap target's step size: ``boot_lr``, default 5x the inner lr."""
-        return 5 * self.inner_lr if self.boot_lr is None else self.boot_lr
+    def target_lr(self) -> float:
+        """The bootstrap target's step size: ``bootstrap_lr``, default 5x the inner lr."""
+        return 5 * self.inner_lr if self.bootstrap_lr is None else self.bootstrap_lr
 
     @property
     def channels(self) -> int:
@@ -234,15 +222,15 @@ def pruner(cfg: RunConfig) -> ncp.ContextPruner:
 
 
 def bootstrap(cfg: RunConfig) -> ncp.BootstrapMetaLoss:
-    """GradNCP's bootstrap term; ``cfg.boot_chunk`` accumulates each target step's gradient
+    """GradNCP's bootstrap term; ``cfg.bootstrap_chunk`` accumulates each target step's gradient
     over chunks of that many support points."""
     kw: Dict[str, Any] = {
-        "steps": cfg.boot_steps,
-        "lr": cfg.bootstrap_lr,
-        "weight": cfg.boot_weight,
+        "steps": cfg.bootstrap_steps,
+        "lr": cfg.target_lr,
+        "weight": cfg.bootstrap_weight,
     }
-    if cfg.boot_chunk is not None:
-        kw["chunk_size"] = cfg.boot_chunk
+    if cfg.bootstrap_chunk is not None:
+        kw["chunk_size"] = cfg.bootstrap_chunk
     return ncp.BootstrapMetaLoss(**kw)
 
 
@@ -375,12 +363,7 @@ def evaluate(
     lr_kw: Dict[str, Any] = {"lr": cfg.inner_lr} if rates is None else {"learned_lr": rates}
     accs: List[np.ndarray] = []
     cover: List[Dict[str, float]] = []
-    bar = tqdm(
-        total=episodes,
-        desc=f"{split.name} {cfg.method} {mode}",
-        unit="ep",
-        disable=not cfg.progress,
-    )
+    bar = harness.progress(episodes, desc=f"{split.name} {cfg.method} {mode}", enabled=cfg.progress)
     done = 0
     while done < episodes:
         n = min(cfg.eval_tasks, episodes - done)
@@ -412,62 +395,24 @@ def evaluate(
     return np.concatenate(accs), coverage
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state(device: torch.device) -> Dict[str, Any]:
-    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _check_resume(saved: Dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    now = cfg.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in _FROZEN if saved.get(k) != now[k]}
-    if diff:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
-        raise ValueError(
-            f"{path} was written with other settings ({shown}); pass the same flags to resume, "
-            "another --run-dir, or --restart to start over."
-        )
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint at ``step`` (they will be redone)."""
-    if not path.is_file():
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
 def train(
     cfg: RunConfig, splits: Dict[str, data.ClassImages] | None = None
 ) -> Tuple[Conv4, ncp.LearnedLR | None]:
-    """Meta-train (resuming from ``cfg.run_dir/checkpoint.pt`` when present) and return the
+    """Meta-train (resuming from ``cfg.out/checkpoint.pt`` when present) and return the
     model and its learned inner rates (None with ``--learned-lr none``); writes
-    ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` in ``cfg.run_dir``."""
+    ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` in ``cfg.out`` (see
+    :mod:`examples.harness`)."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     splits = load_splits(cfg) if splits is None else splits
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    ckpt_path = run_dir / harness.CHECKPOINT
+    log = harness.MetricsLog(run_dir / harness.LOG)
     if cfg.restart:
-        for p in (ckpt_path, log_path, run_dir / "result.json"):
-            p.unlink(missing_ok=True)
+        ckpt_path.unlink(missing_ok=True)
+        (run_dir / "result.json").unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     model = build_model(cfg.ways, cfg.channels, cfg.hidden, cfg.image_size, cfg.norm, cfg.seed).to(
@@ -481,28 +426,30 @@ def train(
     torch.manual_seed(cfg.seed)
     start = 0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        _check_resume(state["config"], cfg, ckpt_path)
+        state = harness.load_checkpoint(ckpt_path, device)
+        harness.check_resume(
+            state["settings"],
+            cfg.to_dict(),
+            may_change=MAY_CHANGE_ON_RESUME,
+            path=ckpt_path,
+            defaults=RunConfig().to_dict(),
+        )
         model.load_state_dict(state["model"])
         if rates is not None:
             rates.load_state_dict(state["learned_lr"])
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"], device)
+        harness.set_rng_state(state["rng"], device)
         start = state["step"]
-        _truncate_log(log_path, start)
-    elif log_path.is_file():
-        log_path.unlink()
+        log.truncate(start)
+    else:
+        log.clear()
 
-    bar = tqdm(
-        range(start, cfg.outer_steps),
-        initial=start,
-        total=cfg.outer_steps,
-        desc=f"{cfg.method} K={cfg.horizon}",
-        disable=not cfg.progress,
+    bar = harness.progress(
+        cfg.outer_steps, initial=start, desc=f"{cfg.method} K={cfg.horizon}", enabled=cfg.progress
     )
     t0 = time.perf_counter()
-    for step in bar:
+    for step in range(start, cfg.outer_steps):
         # Shuffled so that the chunks of a chunked bootstrap mix the classes (shuffle_support).
         ep = shuffle_support(sampler.sample(cfg.tasks)).to(device)
         out = ncp.meta_step(
@@ -535,30 +482,30 @@ def train(
                 cover = class_coverage(out.kept_indices, ep.support_y, cfg.ways)
                 record["missing_class"] = cover["missing"]
                 record["min_class_share"] = cover["min_share"]
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            log.write(record)
             bar.set_postfix(loss=f"{record['query_loss']:.3f}", acc=f"{record['query_acc']:.2f}")
         if done % cfg.ckpt_every == 0 or done == cfg.outer_steps:
-            _atomic_save(
+            harness.save_checkpoint(
                 {
                     "step": done,
                     "model": model.state_dict(),
                     "learned_lr": None if rates is None else rates.state_dict(),
                     "optimizer": opt.state_dict(),
                     "sampler": sampler.state_dict(),
-                    "rng": _rng_state(device),
-                    "config": cfg.to_dict(),
+                    "rng": harness.rng_state(device),
+                    "settings": cfg.to_dict(),
                 },
                 ckpt_path,
             )
+        bar.update(1)
+    bar.close()
     return model, rates
 
 
 def training_coverage(run_dir: str | Path) -> Dict[str, float] | None:
     """Mean class coverage of the pruned inner steps over the logged outer steps of a run
     (``metrics.jsonl``), or None for a run without pruning."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = harness.MetricsLog(Path(run_dir) / harness.LOG).records()
     rows = [r for r in rows if r.get("missing_class") is not None]
     if not rows:
         return None
@@ -585,11 +532,11 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
         "train_seconds": train_s,
         "torch": torch.__version__,
         "device": cfg.device,
-        "config": cfg.to_dict(),
+        "settings": cfg.to_dict(),
         "learned_lr": None
         if rates is None or rates.per_parameter
         else [float(v) for v in rates.rates[0].tolist()],
-        "training_coverage": training_coverage(cfg.run_dir),
+        "training_coverage": training_coverage(cfg.out),
     }
     probe = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 999)
     batch = probe.sample(1).to(torch.device(cfg.device)).batch()
@@ -617,7 +564,7 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
                     "coverage": cover,
                     "seconds": time.perf_counter() - t1,
                 }
-    (Path(cfg.run_dir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (Path(cfg.out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -707,20 +654,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="meta-learned inner rates (ncp.LearnedLR), initialised at --inner-lr: one per "
         "step (default), one per parameter entry and step, or none (fixed --inner-lr)",
     )
-    g.add_argument("--boot-steps", type=int, default=d.boot_steps, help="bootstrap steps L")
     g.add_argument(
-        "--boot-lr",
+        "--bootstrap-steps", type=int, default=d.bootstrap_steps, help="bootstrap steps L"
+    )
+    g.add_argument(
+        "--bootstrap-lr",
         type=float,
-        default=d.boot_lr,
+        default=d.bootstrap_lr,
         help="bootstrap step size; default 5x --inner-lr",
     )
     g.add_argument(
-        "--boot-weight", type=float, default=d.boot_weight, help="bootstrap weight lambda"
+        "--bootstrap-weight", type=float, default=d.bootstrap_weight, help="bootstrap weight lambda"
     )
     g.add_argument(
-        "--boot-chunk",
+        "--bootstrap-chunk",
         type=int,
-        default=d.boot_chunk,
+        default=d.bootstrap_chunk,
         help="accumulate each bootstrap step's gradient over chunks of this many support "
         "points (bounds its transient graph; batch norm then uses per-chunk statistics)",
     )
@@ -731,7 +680,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clip", type=float, default=d.clip, help="clip the meta-gradient norm to this value"
     )
     g.add_argument("--no-clip", dest="clip", action="store_const", const=None)
-    g.add_argument("--seed", type=int, default=d.seed)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="test-split episodes")
     g.add_argument(
@@ -762,12 +710,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eval-splits", nargs="+", choices=("val", "test"), default=list(d.eval_splits))
     g = parser.add_argument_group("running")
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--threads", type=int, default=d.threads)
-    g.add_argument("--run-dir", default=d.run_dir)
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    harness.add_running_arguments(g, d.to_dict())
     g.add_argument("--no-eval", dest="evaluate", action="store_false")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     del a

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` and `ncp` impo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import ncp
+from examples import harness
 from examples.neural_fields import datasets, train
 from examples.neural_fields.metrics import lpips, lpips_status, psnr, ssim
 
@@ -46,7 +47,7 @@ def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[st
         raise FileNotFoundError(f"`run`={run!r} holds no {train.CHECKPOINT}; train it first.")
     if init not in ("trained", "random"):
         raise ValueError(f"`init` must be 'trained' or 'random', got {init!r}.")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = harness.load_checkpoint(path, device)
     s = {**ckpt["settings"], "device": device}
     signals = train.load_data(s)
     torch.manual_seed(s["seed"])

@@ -61,13 +61,13 @@ def main(argv: Sequence[str] | None = None) -> List[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="folder written by train")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--steps", type=int, default=16, help="inner steps (16)")
+    parser.add_argument("--inner-steps", type=int, default=16, help="inner steps (16)")
     parser.add_argument("--signals", type=int, default=8, help="test signals (8)")
     parser.add_argument("--init", choices=("trained", "random"), default="trained")
     args = parser.parse_args(argv)
-    for name in ("steps", "signals"):
+    for name in ("inner_steps", "signals"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for r in args.ratios:
         if not 0 < r <= 1:
             parser.error(f"--ratios must be in (0, 1], got {r}")
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> List[str]:
     x, y = signals.context(signals.test[: args.signals])
     lines = [f"{args.run} ({args.init}): pruned / full gradient norm, mean over signals, per step"]
     for ratio in args.ratios:
-        per_step = grad_ratios(run["model"], x, y, ratio, args.steps).mean(1)
+        per_step = grad_ratios(run["model"], x, y, ratio, args.inner_steps).mean(1)
         values = " ".join(f"{v:.2f}" for v in per_step.tolist())
         lines.append(
             f"ratio {ratio:g} (at most {1 / ratio:g}): {values} | max {per_step.max():.2f}"

@@ -16,7 +16,7 @@ import glob
 import os
 import random
 import string
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -65,6 +65,49 @@ def renders_characters(path: str, characters: str, size: int = 24) -> bool:
     return len(masks) == len(characters)
 
 
+def usable_fonts(
+    dirs: Sequence[str | os.PathLike[str]],
+    characters: str,
+    *,
+    suffixes: Tuple[str, ...] = (".ttf",),
+    excluded: Sequence[str] = (),
+    recursive: bool = False,
+    size: int = 24,
+    hint: str = "",
+) -> Tuple[str, ...]:
+    """Paths of the fonts under ``dirs`` that draw every one of ``characters``
+    (:func:`renders_characters`), one per file name (the first folder wins), sorted by name.
+
+    Args:
+        dirs: folders to search (missing ones are skipped).
+        characters: what every font must draw.
+        suffixes: file endings taken (compared in lower case).
+        excluded: file names containing any of these (in any case) are left out.
+        recursive: search sub-folders too.
+        size: pixel size of the rendering test.
+        hint: the fix suggested when nothing is found.
+
+    Raises:
+        RuntimeError: when no usable font is found.
+    """
+    found: Dict[str, str] = {}
+    pattern = os.path.join("**", "*") if recursive else "*"
+    for folder in dirs:
+        for path in sorted(glob.glob(os.path.join(str(folder), pattern), recursive=recursive)):
+            name = os.path.basename(path)
+            if not name.lower().endswith(suffixes) or name in found:
+                continue
+            if any(bad.lower() in name.lower() for bad in excluded):
+                continue
+            if renders_characters(path, characters, size=size):
+                found[name] = path
+    if not found:
+        raise RuntimeError(
+            f"no usable {'/'.join(suffixes)} font found under {[str(d) for d in dirs]}; {hint}"
+        )
+    return tuple(found[name] for name in sorted(found))
+
+
 @functools.cache
 def find_fonts() -> Tuple[str, ...]:
     """Paths of the usable Latin fonts found on this machine, sorted by file name.
@@ -76,20 +119,12 @@ def find_fonts() -> Tuple[str, ...]:
     Raises:
         RuntimeError: when no usable font is found.
     """
-    found = {}
-    for folder in _font_dirs():
-        for path in sorted(glob.glob(os.path.join(folder, "*.ttf"))):
-            name = os.path.basename(path)
-            if name in found or any(bad in name for bad in _SYMBOL_FONTS):
-                continue
-            if renders_characters(path, ALPHABET):
-                found[name] = path
-    if not found:
-        raise RuntimeError(
-            f"no usable .ttf font found in {_font_dirs()}; install matplotlib "
-            '(pip install "ncp[examples]") or pass `fonts=` to TextImages.'
-        )
-    return tuple(found[name] for name in sorted(found))
+    return usable_fonts(
+        _font_dirs(),
+        ALPHABET,
+        excluded=_SYMBOL_FONTS,
+        hint='install matplotlib (pip install "ncp[examples]") or pass `fonts=` to TextImages.',
+    )
 
 
 def _luminance(rgb: Sequence[int]) -> float:

@@ -23,7 +23,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -38,24 +37,26 @@ if __package__ in (None, ""):  # run as a script: make `examples` and `ncp` impo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import ncp
+from examples import harness
 from examples.neural_fields import datasets
 from examples.neural_fields.metrics import psnr
 from examples.neural_fields.models import FourierFeatureMLP, Siren
 
 METHODS = ("maml", "gradncp")
 SCORES = ("gradncp", "loss", "random")
-CHECKPOINT = "checkpoint.pt"
-LOG = "metrics.jsonl"
+CHECKPOINT = harness.CHECKPOINT
+LOG = harness.LOG
 LEARNED_LR = ("none", "step", "param")
 # Settings a resumed run may change: they do not alter the optimisation so far.
 MAY_CHANGE_ON_RESUME = (
-    "steps",
+    "outer_steps",
     "threads",
     "eval_every",
     "ckpt_every",
     "log_every",
     "device",
     "out",
+    "restart",
 )
 
 # The paper's values (Appendix A.2), defaults of the flags.
@@ -69,8 +70,8 @@ PAPER: Dict[str, Any] = dict(
     layers=None,  # 5; 7 for video
     w0=None,  # 30; 50 on the sphere
     ff_scale=10.0,
-    steps=150_000,
-    lr=1e-5,
+    outer_steps=150_000,
+    outer_lr=1e-5,
     clip=1.0,
     batch=8,
     inner_steps=None,  # MAML 4, GradNCP 4 / ratio
@@ -97,12 +98,13 @@ PAPER: Dict[str, Any] = dict(
     device="cpu",
     threads=None,
     out=os.path.join("runs", "neural_fields"),
+    restart=False,
 )
 # A run of a few seconds: tiny signals and model, two steps (for tests).
 SMOKE: Dict[str, Any] = dict(
     hidden=16,
     layers=3,
-    steps=2,
+    outer_steps=2,
     batch=2,
     resolution=16,
     seconds=0.01,
@@ -132,7 +134,16 @@ def paper_inner_steps(method: str, ratio: float) -> int:
 
 
 def resolve(s: Dict[str, Any]) -> Dict[str, Any]:
-    """``s`` with the per-data defaults (``ratio``, ``inner_steps``) filled in."""
+    """``s`` with the per-data defaults (``ratio``, ``inner_steps``) filled in; a name that is
+    not a setting of :data:`PAPER` is refused (ncp 0.2.0's ``steps`` and ``lr`` with a hint)."""
+    unknown = sorted(set(s) - set(PAPER))
+    if unknown:
+        hints = [f"{k} is now {harness.RENAMED[k]}" for k in unknown if k in harness.RENAMED]
+        raise ValueError(
+            f"`settings` has names that are not train settings: {unknown}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + "; see train.PAPER for the names."
+        )
     s = dict(s)
     if s["ratio"] is None:
         s["ratio"] = paper_ratio(s["data"])
@@ -231,55 +242,6 @@ def test_psnr(
     return torch.cat(values).mean().item()
 
 
-def _rng_state(sampler: torch.Generator, cfg: ncp.MetaConfig) -> Dict[str, Any]:
-    """Every random state of a run, as tensors and plain Python values only, so that the
-    checkpoint loads with ``torch.load(weights_only=True)`` (no pickled code)."""
-    pruner_gen = cfg.pruner.generator if cfg.pruner is not None else None
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": random.getstate(),
-        "sampler": sampler.get_state(),
-        "pruner": None if pruner_gen is None else pruner_gen.get_state(),
-    }
-
-
-def _set_rng_state(state: Dict[str, Any], sampler: torch.Generator, cfg: ncp.MetaConfig) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    random.setstate(state["python"])
-    sampler.set_state(state["sampler"])
-    if state["pruner"] is not None and cfg.pruner is not None and cfg.pruner.generator is not None:
-        cfg.pruner.generator.set_state(state["pruner"])
-
-
-def _log(path: str, record: Dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: str, step: int) -> None:
-    """Drop log records written after the checkpoint at ``step`` (an interrupted run)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    with open(path, "w") as f:
-        for r in records:
-            if r.get("step", 0) <= step:
-                f.write(json.dumps(r) + "\n")
-
-
 def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[str, Any]:
     """Meta-train; resume from ``settings["out"]/checkpoint.pt`` when it exists.
 
@@ -297,7 +259,10 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
     os.makedirs(s["out"], exist_ok=True)
-    ckpt_path, log_path = os.path.join(s["out"], CHECKPOINT), os.path.join(s["out"], LOG)
+    ckpt_path = os.path.join(s["out"], CHECKPOINT)
+    log = harness.MetricsLog(os.path.join(s["out"], LOG))
+    if s["restart"] and os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
     signals = load_data(s)
     torch.manual_seed(s["seed"])
     random.seed(s["seed"])
@@ -306,49 +271,45 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     cfg = make_config(s)
     rates = make_learned_lr(s, model, cfg)
     meta_params = list(model.parameters()) + ([] if rates is None else list(rates.parameters()))
-    opt = torch.optim.Adam(meta_params, lr=s["lr"])
+    opt = torch.optim.Adam(meta_params, lr=s["outer_lr"])
     sampler = torch.Generator().manual_seed(s["seed"] + 1)
+    generators = {
+        "sampler": sampler,
+        "pruner": cfg.pruner.generator if cfg.pruner is not None else None,
+    }
     step = 0
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = {
-            k: (ckpt["settings"].get(k), s[k])
-            for k in s
-            if k not in MAY_CHANGE_ON_RESUME and ckpt["settings"].get(k, PAPER[k]) != s[k]
-        }
-        if changed:
-            raise ValueError(
-                f"{ckpt_path} was written with other settings {changed} (saved, given); use "
-                "another `--out` or the same flags to resume."
-            )
+        ckpt = harness.load_checkpoint(ckpt_path, device)
+        harness.check_resume(
+            ckpt["settings"], s, may_change=MAY_CHANGE_ON_RESUME, path=ckpt_path, defaults=PAPER
+        )
         model.load_state_dict(ckpt["model"])
         if rates is not None:
             rates.load_state_dict(ckpt["learned_lr"])
         opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], sampler, cfg)
+        harness.set_rng_state(ckpt["rng"], device, **generators)
         step = ckpt["step"]
-        _truncate_log(log_path, step)
+        log.truncate(step)
     else:
-        _log(log_path, {"step": 0, "event": "start", "settings": s, "data": signals.describe()})
+        log.clear()
+        log.write({"step": 0, "event": "start", "settings": s, "data": signals.describe()})
 
     def save() -> None:
-        state = {
-            "model": model.state_dict(),
-            "learned_lr": None if rates is None else rates.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": _rng_state(sampler, cfg),
-            "step": step,
-            "settings": s,
-        }
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written checkpoint
+        harness.save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "learned_lr": None if rates is None else rates.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": harness.rng_state(device, **generators),
+                "step": step,
+                "settings": s,
+            },
+            ckpt_path,
+        )
 
-    from tqdm.auto import tqdm
-
-    end = s["steps"] if stop_after is None else min(s["steps"], step + stop_after)
-    bar = tqdm(
-        total=s["steps"], initial=step, desc=f"{s['method']} {s['data']}", dynamic_ncols=True
-    )
+    total = s["outer_steps"]
+    end = total if stop_after is None else min(total, step + stop_after)
+    bar = harness.progress(total, initial=step, desc=f"{s['method']} {s['data']}")
     start = time.perf_counter()
     while step < end:
         idx = torch.randint(signals.n_train, (s["batch"],), generator=sampler).tolist()
@@ -361,7 +322,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             rec = {"step": 0, "event": "memory", "peak_saved_bytes": meter.peak_saved_bytes}
             if meter.peak_cuda_bytes is not None:  # the allocator's peak, on a GPU
                 rec["peak_cuda_bytes"] = meter.peak_cuda_bytes
-            _log(log_path, rec)
+            log.write(rec)
         else:
             out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
             out.loss.backward()
@@ -373,12 +334,12 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             q = out.query_loss.mean().item()
             rec = {"step": step, "loss": out.loss.item(), "query_loss": q}
             rec["seconds"] = time.perf_counter() - start
-            _log(log_path, rec)
+            log.write(rec)
             bar.set_postfix(loss=f"{q:.4g}")
-        if step % s["eval_every"] == 0 or step == s["steps"]:
+        if step % s["eval_every"] == 0 or step == total:
             test = signals.test[: s["eval_signals"]]
             value = test_psnr(model, cfg, signals, test, steps=s["test_steps"], learned_lr=rates)
-            _log(log_path, {"step": step, "event": "eval", "psnr": value})
+            log.write({"step": step, "event": "eval", "psnr": value})
             bar.write(f"step {step}: test PSNR {value:.2f} dB after {s['test_steps']} steps")
         if step % s["ckpt_every"] == 0 or step == end:
             save()
@@ -395,8 +356,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
 
 def read_log(out: str) -> List[Dict[str, Any]]:
     """The records of ``out/metrics.jsonl``."""
-    with open(os.path.join(out, LOG)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return harness.MetricsLog(os.path.join(out, LOG)).records()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -412,8 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--layers", type=int, help="linear layers (5; 7 for video)")
     a("--w0", type=float, help="SIREN frequency (30; 50 on the sphere)")
     a("--ff-scale", type=float, help=f"Fourier-feature scale ({d['ff_scale']:g})")
-    a("--steps", type=int, help=f"outer steps ({d['steps']})")
-    a("--lr", type=float, help=f"outer Adam learning rate ({d['lr']:g})")
+    a("--outer-steps", type=int, help=f"outer steps ({d['outer_steps']})")
+    a("--outer-lr", type=float, help=f"outer Adam learning rate ({d['outer_lr']:g})")
     a("--clip", type=float, help=f"outer grad-norm clip ({d['clip']:g})")
     a("--batch", type=int, help=f"signals per outer step ({d['batch']})")
     a("--inner-steps", type=int, help="K (MAML 4, GradNCP 4 / ratio)")
@@ -434,19 +394,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--test-steps", type=int, help=f"K_test ({d['test_steps']})")
     a("--eval-every", type=int, help=f"steps between evaluations ({d['eval_every']})")
     a("--eval-signals", type=int, help=f"test signals per evaluation ({d['eval_signals']})")
-    a("--log-every", type=int, help=f"steps between log lines ({d['log_every']})")
-    a("--ckpt-every", type=int, help=f"steps between checkpoints ({d['ckpt_every']})")
-    a("--seed", type=int, help=f"seed ({d['seed']})")
-    a("--device", help=f"torch device ({d['device']})")
-    a("--threads", type=int, help="torch CPU threads (torch's default)")
-    a("--out", help=f"run folder ({d['out']})")
+    harness.add_running_arguments(parser, PAPER, fill_later=True)
     a("--smoke", action="store_true", help="tiny sizes and two steps: checks that all runs")
 
 
 POSITIVE = [
     "hidden",
     "layers",
-    "steps",
+    "outer_steps",
     "batch",
     "inner_steps",
     "resolution",
@@ -468,7 +423,7 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for name in POSITIVE:
         if s[name] is not None and s[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    for name in ("lr", "clip", "inner_lr", "seconds", "bootstrap_lr", "audio_bound"):
+    for name in ("outer_lr", "clip", "inner_lr", "seconds", "bootstrap_lr", "audio_bound"):
         if not s[name] > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {s[name]}")
     if s["ratio"] is not None and not 0 < s["ratio"] <= 1:
