@@ -63,9 +63,12 @@ from _common import (
 
 BYTES_PER_POINT_STEP = 20.3e3  # SIREN 5x256, float32, second order (bench_sweep.py)
 MAIN, PAPER = "K=16 r=0.01 L=5", "K=16 r=0.25 L=5"
+RECOMPUTE = "K=16 r=0.01 L=5 recompute"
 CONFIGS: Dict[str, Dict[str, Any]] = {
     MAIN: {"k": 16, "ratio": 0.01, "bootstrap_steps": 5},
     PAPER: {"k": 16, "ratio": 0.25, "bootstrap_steps": 5},
+    # MetaConfig(recompute_steps=True): one step's graph instead of K (exact; more time)
+    RECOMPUTE: {"k": 16, "ratio": 0.01, "bootstrap_steps": 5, "recompute": True},
 }
 
 
@@ -75,11 +78,15 @@ def config(c: Mapping[str, Any], chunk_size: int) -> ncp.MetaConfig:
         pruner=ncp.ContextPruner(ratio=c["ratio"]),
         bootstrap=ncp.BootstrapMetaLoss(steps=c["bootstrap_steps"]),
         chunk_size=chunk_size,
+        recompute_steps=c.get("recompute", False),
     )
 
 
 def inner_graph_bytes(c: Mapping[str, Any], points: int) -> float:
-    return ncp.functional.keep_count(c["ratio"], points) * c["k"] * BYTES_PER_POINT_STEP
+    """The predicted inner graph: kept points x steps held x bytes per point-step (one step
+    at a time when the steps are recomputed in backward)."""
+    held = 1 if c.get("recompute") else c["k"]
+    return ncp.functional.keep_count(c["ratio"], points) * held * BYTES_PER_POINT_STEP
 
 
 def measure(spec: Mapping[str, Any]) -> Dict[str, Any]:
@@ -130,12 +137,14 @@ def run(
     seed: int,
     mem_limit_bytes: float,
     device: str = "cpu",
+    configs: List[str] | None = None,
 ) -> Dict[str, Any]:
     torch.set_num_threads(threads)
     env = environment(device)
     start = time.perf_counter()
-    out: Dict[str, Any] = {name: {} for name in CONFIGS}
-    for name, c in CONFIGS.items():
+    chosen = {name: CONFIGS[name] for name in (configs or list(CONFIGS))}
+    out: Dict[str, Any] = {name: {} for name in chosen}
+    for name, c in chosen.items():
         for res in resolutions:
             points = res * res
             graph = inner_graph_bytes(c, points)
@@ -182,7 +191,7 @@ def run(
             "mem_limit_bytes": mem_limit_bytes,
             **env,
         },
-        "configs": CONFIGS,
+        "configs": chosen,
         "results": out,
         "wall_s": time.perf_counter() - start,
         "load_average_1min_end": environment(device)["load_average_1min"],
@@ -281,6 +290,13 @@ if __name__ == "__main__":
         help="skip runs whose inner graph is predicted above this (default 80%% of MemAvailable, or of the GPU memory with --device cuda)",
     )
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or e.g. 'cuda'")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=None,
+        help="configurations to run (default all)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if min(args.resolutions) < 16 or args.chunk_size < 1 or args.threads < 1 or args.repeats < 0:
@@ -300,6 +316,7 @@ if __name__ == "__main__":
         seed=args.seed,
         mem_limit_bytes=limit,
         device=args.device,
+        configs=args.configs,
     )
     print()
     print(report(results))

@@ -31,6 +31,13 @@ class MetaConfig:
             the query loss is checkpointed chunk by chunk and recomputed in ``backward``.
             Results are unchanged; only for models that treat points independently. The
             pruner's own ``chunk_size``, when set, takes precedence for scoring.
+        recompute_steps: keep only each inner step's inputs (the parameters and the kept
+            points) for ``backward`` and recompute the step's graph there, one step at a time
+            (activation checkpointing of the inner loop). The graph held between ``meta_step``
+            and ``backward`` then no longer grows with ``K``: it is one step's instead of K
+            steps'. The meta-gradient is unchanged; ``backward`` redoes each step's forward
+            and gradient, about a third more time for the inner steps. Second-order only
+            (``first_order=True`` keeps no inner graph to recompute).
         loss_fn: per-point loss ``(pred, target) -> (tasks, points)`` used by
             :func:`ncp.meta_step` and :func:`ncp.adapt` (each may override it):
             ``ncp.losses.mse`` for fields, ``ncp.losses.cross_entropy`` for class labels.
@@ -57,6 +64,7 @@ class MetaConfig:
     vmap_tasks: bool = True
     adapt_only: Sequence[str] | None = None
     chunk_size: int | None = None
+    recompute_steps: bool = False
 
     def __post_init__(self) -> None:
         if (
@@ -73,7 +81,7 @@ class MetaConfig:
             or not self.inner_lr > 0
         ):
             raise ValueError(f"`MetaConfig.inner_lr` must be a number > 0, got {self.inner_lr!r}.")
-        for name in ("first_order", "vmap_tasks"):
+        for name in ("first_order", "vmap_tasks", "recompute_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`MetaConfig.{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.pruner is not None and not isinstance(self.pruner, ContextPruner):
@@ -81,6 +89,12 @@ class MetaConfig:
                 f"`MetaConfig.pruner` must be an ncp.ContextPruner or None, got {type(self.pruner).__name__}."
             )
         check_chunk_size(self.chunk_size, "MetaConfig")
+        if self.recompute_steps and self.first_order:
+            raise ValueError(
+                "`MetaConfig.recompute_steps`=True recomputes the inner steps' second-order "
+                "graph in backward, but `first_order`=True keeps no such graph; drop one of "
+                "the two."
+            )
         object.__setattr__(self, "adapt_only", as_adapt_only(self.adapt_only))
         if not callable(self.loss_fn):
             raise TypeError(

@@ -9,6 +9,7 @@ from typing import Callable, Literal, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from ._config import MetaConfig
 from ._distributed import unwrap
@@ -178,6 +179,40 @@ def _step_lr(
     return rates if wrap is None else {n: wrap(r) for n, r in rates.items()}
 
 
+def _recomputed_step(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    lr: LR,
+    cfg: MetaConfig,
+    names: Sequence[str],
+) -> Tuple[Params, Tensor]:
+    """One second-order inner step under activation checkpointing: only its inputs are saved
+    for ``backward``, which recomputes the step's forward pass and gradient graph (exactly:
+    the same operations on the same inputs) when it reaches it."""
+    keys = list(params)
+
+    def step(xs: Tensor, ys: Tensor, *values: Tensor) -> Tuple[Tensor, ...]:
+        current = dict(zip(keys, values, strict=True))
+        grads, loss = task_gradients(
+            model,
+            current,
+            xs,
+            ys,
+            loss_fn,
+            create_graph=True,
+            vmap_tasks=cfg.vmap_tasks,
+            names=names,
+        )
+        new = sgd_update(current, grads, lr)
+        return (*(new[k] for k in keys), loss)
+
+    out = checkpoint(step, x, y, *params.values(), use_reentrant=False)
+    return dict(zip(keys, out[:-1], strict=True)), out[-1]
+
+
 def meta_step(
     model: nn.Module,
     batch: Sequence[Tensor],
@@ -252,17 +287,21 @@ def meta_step(
         if select is not None:
             x_k, y_k, idx = select(params, cx, cy)
             kept.append(idx)
-        grads, step_loss = task_gradients(
-            model,
-            detached_leaves(params) if cfg.first_order else params,
-            x_k,
-            y_k,
-            loss_fn,
-            create_graph=not cfg.first_order,
-            vmap_tasks=cfg.vmap_tasks,
-            names=names,
-        )
-        params = sgd_update(params, grads, _step_lr(cfg.inner_lr, learned_lr, step, names, wrap))
+        lr = _step_lr(cfg.inner_lr, learned_lr, step, names, wrap)
+        if cfg.recompute_steps:
+            params, step_loss = _recomputed_step(model, params, x_k, y_k, loss_fn, lr, cfg, names)
+        else:
+            grads, step_loss = task_gradients(
+                model,
+                detached_leaves(params) if cfg.first_order else params,
+                x_k,
+                y_k,
+                loss_fn,
+                create_graph=not cfg.first_order,
+                vmap_tasks=cfg.vmap_tasks,
+                names=names,
+            )
+            params = sgd_update(params, grads, lr)
         inner.append(step_loss.detach())
     inner_losses = torch.stack(inner)
     check_finite(inner_losses, "inner")

@@ -38,6 +38,13 @@ class MemoryMeter:
     Meters do not nest: saved-tensor hooks are a per-thread stack, so while an inner meter is
     active an outer one sees nothing. Use one meter per measurement.
 
+    Activation checkpointing hides what it recomputes: the tensors a checkpointed region
+    (``torch.utils.checkpoint``, ``MetaConfig(recompute_steps=True)``, the chunked query loss
+    of ``MetaConfig(chunk_size=...)``) saves are held by the checkpoint, not the meter, so the
+    peak counts only its inputs, and the graph rebuilt during ``backward`` is not seen. For
+    such configurations read the peak as what is held between the forward pass and
+    ``backward``; ``peak_cuda_bytes`` or the process's peak RSS include the recomputation.
+
     Args:
         device: the device to read allocator statistics from; only CUDA devices have them.
 

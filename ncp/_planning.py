@@ -150,6 +150,13 @@ def plan_memory(
         raise ValueError(f"`vary` must be 'inner_steps' or 'ratio', got {vary!r}.")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
+    if cfg.recompute_steps:
+        raise ValueError(
+            "`cfg.recompute_steps`=True rebuilds each inner step's graph during backward, "
+            "where ncp.MemoryMeter cannot see it, so its measured bytes would understate the "
+            "peak; plan with recompute_steps=False (an upper bound of the recomputed peak) and "
+            "turn recomputation on afterwards."
+        )
     limit = _budget_bytes(model, batch, budget, loss_fn)
     measured: dict[int, int] = {}
 
