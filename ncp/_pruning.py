@@ -141,8 +141,10 @@ class ContextPruner:
         gain_lr: the step size of the last-layer update that ``"spg"`` and ``"tpg"``
             simulate (the paper's inner learning rate).
         strategy: how the GradNCP score is computed, chosen once by :meth:`prepare`:
-            ``"auto"`` vectorises the closed form over tasks on accelerators and loops over
-            tasks on CPU (faster there); ``"vmap"`` vectorises on any device (a model the
+            ``"auto"`` vectorises the closed form over tasks on accelerators, and on CPU for
+            small contexts (few points, narrow layers: where a loop's cost per task
+            dominates), and loops over tasks on CPU otherwise (faster there for large
+            contexts; docs/benchmarks.md); ``"vmap"`` vectorises on any device (a model the
             vectorised pass cannot handle is scored task by task); ``"loop"`` never
             vectorises; ``"exact"`` differentiates the head per point even when the closed
             form applies. The scores are the same; only speed differs.
@@ -273,7 +275,7 @@ class ContextPruner:
             >>> select = ncp.ContextPruner(ratio=0.25).prepare(model, x, y)
             >>> params = ncp.functional.init_params(model, 2)
             >>> select(params, x, y).indices.shape, select.head, select.strategy
-            (torch.Size([2, 10]), '2', 'loop')
+            (torch.Size([2, 10]), '2', 'vmap')
         """
         check_pair(x, y)
         check_device(model, x, y)

@@ -355,6 +355,36 @@ class ScorePlan:
         return torch.stack(rows)
 
 
+# On CPU, scoring every task in one vectorised pass beats a loop over tasks while the batched
+# activations stay small (the loop's fixed cost per task dominates: at 10 points and 25 tasks
+# the loop took 10x the vectorised time); once tasks x points x the widest per-point feature
+# passes about 2**20 elements the loop's plain matrix products win (1.3-1.9x at 2-4M elements).
+# Measured with benchmarks/bench_small.py and docs/benchmarks.md ("Small contexts").
+CPU_VMAP_ELEMENTS = 2**20
+
+
+def _widest_features(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> int:
+    """The largest per-point size of any leaf module's output in one forward pass of the
+    points ``x`` (no task dimension): the width of the activations a vectorised pass batches."""
+    n = x.shape[0]
+    sizes = [1]
+
+    def record(_module: nn.Module, _inputs: object, out: object) -> None:
+        if isinstance(out, Tensor) and out.dim() >= 1 and out.shape[0] == n:
+            sizes.append(out[0].numel())
+
+    handles = [
+        m.register_forward_hook(record) for m in model.modules() if next(m.children(), None) is None
+    ]
+    try:
+        with torch.no_grad():
+            single_forward(model, params, x.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes)
+
+
 def plan(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -373,7 +403,9 @@ def plan(
     For ``"gradncp"``: the head is found (or checked) and run once on a few points of task 0,
     which raises the precise error for a head that cannot be scored; ``strategy="auto"``
     vectorises the closed form over tasks on accelerators (where one pass saves kernel
-    launches) and loops over tasks on CPU (plain matrix products, measured faster there,
+    launches) and on CPU while ``tasks x points x`` the widest per-point activation is at most
+    :data:`CPU_VMAP_ELEMENTS` (small contexts, where a loop's cost per task dominates); larger
+    CPU work loops over tasks (plain matrix products, measured faster there,
     docs/benchmarks.md); ``"vmap"`` vectorises on any device; ``"loop"`` never does;
     ``"exact"`` differentiates the head per point even when it is linear. A model the
     vectorised pass does not handle (a head applied to 3-D features, say) is found here, once,
@@ -411,7 +443,15 @@ def plan(
     closed_form = isinstance(module, nn.Linear) and phi.dim() == 2 and strategy != "exact"
     if not closed_form:
         return ScorePlan(score, "exact", head, weight, bias)
-    vectorise = strategy == "vmap" or (strategy == "auto" and vmap_tasks and x.device.type != "cpu")
+    vectorise = strategy == "vmap" or (
+        strategy == "auto"
+        and vmap_tasks
+        and (
+            x.device.type != "cpu"
+            or x.shape[0] * x.shape[1] * _widest_features(model, task_slice(params, 0), x[0, :n])
+            <= CPU_VMAP_ELEMENTS
+        )
+    )
     if vectorise:
         assert isinstance(module, nn.Linear)
         detached = {k: v.detach() for k, v in params.items()}

@@ -31,7 +31,7 @@ def test_selector_plans_once_and_selects_like_the_pruner():
     model, (x, y) = model64(), data()
     pruner = ncp.ContextPruner(ratio=0.25)
     select = pruner.prepare(model, x, y)
-    assert (select.k, select.points, select.head, select.strategy) == (6, 24, "4", "loop")
+    assert (select.k, select.points, select.head, select.strategy) == (6, 24, "4", "vmap")
     params = ncp.functional.init_params(model, 2)
     moved = {k: v + 0.05 for k, v in params.items()}
     for p in (params, moved):
@@ -291,3 +291,17 @@ def test_meta_step_with_the_vectorised_strategy_equals_the_loop():
         assert_close(a, b, **F64)
     with pytest.raises(ValueError, match=r"`ContextPruner.strategy` must be one of"):
         ncp.ContextPruner(strategy="fast")  # type: ignore[arg-type]
+
+
+def test_auto_strategy_on_cpu_vectorises_small_contexts_and_loops_over_large_ones():
+    model = model64()  # widest per-point activation: 16
+    pruner = ncp.ContextPruner(ratio=0.25)
+    small = pruner.prepare(model, *data(tasks=25, points=100))
+    assert small.strategy == "vmap"  # 25 x 100 x 16 = 40,000 elements
+    big = torch.zeros(2, ncp._scoring.CPU_VMAP_ELEMENTS // 16 + 1, 2, dtype=torch.float64)
+    large = pruner.prepare(model, big, big[..., :1])
+    assert large.strategy == "loop"
+    no_vmap = ncp.ContextPruner(ratio=0.25).prepare(
+        model, *data(tasks=25, points=100), vmap_tasks=False
+    )
+    assert no_vmap.strategy == "loop"
