@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import ncp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, header  # noqa: E402
+from _common import environment, header
 
 K, RATIO, L = 16, 0.25, 5
 

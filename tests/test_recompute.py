@@ -104,14 +104,14 @@ def test_recompute_keeps_one_step_of_graph_instead_of_k():
 
 
 def test_recompute_with_first_order_is_refused():
-    with pytest.raises(ValueError, match="recompute_steps.*first_order"):
+    with pytest.raises(ValueError, match=r"recompute_steps.*first_order"):
         ncp.MetaConfig(first_order=True, recompute_steps=True)
-    with pytest.raises(TypeError, match="recompute_steps` must be a bool"):
+    with pytest.raises(TypeError, match=r"recompute_steps` must be a bool"):
         ncp.MetaConfig(recompute_steps=1)
 
 
 def test_plan_memory_refuses_recomputed_steps_it_cannot_measure():
     model = _model()
     x, y = _data()
-    with pytest.raises(ValueError, match="recompute_steps.*MemoryMeter cannot see"):
+    with pytest.raises(ValueError, match=r"recompute_steps.*MemoryMeter cannot see"):
         ncp.plan_memory(model, (x, y), GRADNCP, budget=10**9)
