@@ -1,0 +1,235 @@
+"""The floor of a GradNCP step: what a perfect implementation would take, from its pass count.
+
+One outer step, per task, with ``M`` context points (the query set is the context, as for
+neural fields) and ``k = ratio * M`` kept points:
+
+* MAML with ``K`` steps: ``K`` second-order inner steps on ``M`` points (forward, gradient with
+  its graph, and their part of the outer backward) and one query pass (forward and backward).
+* GradNCP: ``K`` scoring passes on ``M`` points (a forward pass to the head's input, no graph;
+  the closed-form score adds ``O(M)`` work), ``K`` second-order steps on ``k`` points, ``L``
+  first-order bootstrap steps on ``M`` points (forward and backward, no graph), the same query
+  pass, and the bootstrap distance (a few parameter-sized operations).
+
+Each term is measured on its own, every measurement in a fresh process (``run_isolated``):
+
+* ``s``: one forward pass of the model over all tasks' points without autograd (the scoring
+  floor: no implementation can score a point without evaluating the network at it);
+* ``b``: one first-order step on ``M`` points (forward and backward without a graph), which is
+  also the work of the query pass (a forward and a backward over the context);
+* ``c``: one second-order step on ``M`` points with its part of the outer backward,
+  ``(t(MAML K) - b) / K``; a step on ``k`` points costs ``ratio * c`` (its work is per point;
+  see the note printed below).
+
+``floor = K s + K ratio c + L b + b``; the script prints the floor, its ratio to MAML K=16 (the
+best a GradNCP/MAML ratio can be on this machine) and ncp's measured GradNCP step against it.
+Defaults: SIREN 5x256, 64x64 RGB, 4 tasks, K=16, ratio 0.25, L=5, two threads.
+
+**Contention** (``--busy 0 1``): the same measurements again while ``N`` other processes keep
+cores busy (each multiplies 512x512 matrices in a loop on one thread), as when a CPU is
+shared; the script prints each round's GradNCP/MAML ratio, and how much each method's step
+slowed down against the idle round.
+
+Run ``python benchmarks/bench_floor.py --help`` for the flags (about 2 minutes a round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping
+
+import torch
+
+import ncp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Siren, environment, header, image_batch, outer_step, run_isolated
+
+
+def _configs(k: int, ratio: float, boot: int) -> Dict[str, ncp.MetaConfig]:
+    return {
+        "maml16": ncp.MetaConfig(inner_steps=k, pruner=None, bootstrap=None),
+        "gradncp": ncp.MetaConfig(
+            inner_steps=k,
+            pruner=ncp.ContextPruner(ratio=ratio),
+            bootstrap=ncp.BootstrapMetaLoss(steps=boot),
+        ),
+    }
+
+
+def measure(spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """One quantity in this fresh process: a variant's step time, or the unit passes."""
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model = Siren()
+    x, y = image_batch(spec["resolution"], spec["tasks"], seed=spec["seed"])
+    times = []
+    if spec["what"] == "units":
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(flat_x)
+
+        def first_order() -> None:
+            loss = ((model(flat_x) - flat_y) ** 2).mean()
+            torch.autograd.grad(loss, list(model.parameters()))
+
+        out: Dict[str, Any] = {}
+        for name, fn in (("forward_s", forward), ("first_order_s", first_order)):
+            fn()  # warm-up
+            times = []
+            for _ in range(spec["repeats"] * 3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            out[name] = statistics.median(times)
+        return out
+    cfg = _configs(spec["k"], spec["ratio"], spec["boot"])[spec["what"]]
+    outer_step(model, (x[:, :256], y[:, :256]), cfg)  # warm-up on a few points
+    model.zero_grad(set_to_none=True)
+    for _ in range(spec["repeats"] + 1):  # the first full-size step also touches its memory
+        start = time.perf_counter()
+        outer_step(model, (x, y), cfg)
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return {"time_s": statistics.median(times[1:]), "times_s": times}
+
+
+BUSY = (
+    "import torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(512, 512)\n"
+    "while True:\n"
+    "    a = torch.tanh(a @ a)\n"
+)
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """``n`` background processes that keep one core each busy until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+    try:
+        time.sleep(1.0 if n else 0.0)  # let them start
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
+    base = {
+        "resolution": args.resolution,
+        "tasks": args.tasks,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "k": args.k,
+        "ratio": args.ratio,
+        "boot": args.bootstrap_steps,
+    }
+    env = environment("cpu")
+    env["threads"] = args.threads
+    got = {}
+    with busy_processes(busy):
+        for what in ("units", "maml16", "gradncp"):
+            got[what] = run_isolated("bench_floor", "measure", {**base, "what": what})
+            print(f"  busy={busy} {what}: {json.dumps(got[what])[:100]}", file=sys.stderr)
+    k, r, boot = args.k, args.ratio, args.bootstrap_steps
+    t16 = got["maml16"]["time_s"]
+    s, b = got["units"]["forward_s"], got["units"]["first_order_s"]
+    c = (t16 - b) / k
+    parts = {"scoring": k * s, "inner steps": k * r * c, "bootstrap": boot * b, "query": b}
+    floor = sum(parts.values())
+    return {
+        "setup": base,
+        "busy_processes": busy,
+        "env": env,
+        "measured": got,
+        "units": {"s": s, "c": c, "b": b},
+        "floor_parts_s": parts,
+        "floor_s": floor,
+        "floor_ratio": floor / t16,
+        "measured_ratio": got["gradncp"]["time_s"] / t16,
+        "measured_over_floor": got["gradncp"]["time_s"] / floor,
+        "load_average_1min_end": environment("cpu")["load_average_1min"],
+    }
+
+
+def report(res: Mapping[str, Any]) -> str:
+    s, u, m = res["setup"], res["units"], res["measured"]
+    lines = [
+        f"-- {res['busy_processes']} other busy process(es) during the measurements",
+        header(
+            f"ncp floor benchmark: SIREN 5x256, {s['resolution']}x{s['resolution']} RGB, "
+            f"{s['tasks']} tasks; GradNCP K={s['k']} ratio {s['ratio']} L={s['boot']} against "
+            f"MAML K={s['k']}; every quantity in a fresh process",
+            res["env"],
+            res["load_average_1min_end"],
+        ),
+        f"units (s): forward over the context s={u['s']:.4f}, first-order step b={u['b']:.4f}, "
+        f"second-order step c={u['c']:.4f}",
+        f"MAML K={s['k']}: {m['maml16']['time_s']:.3f} s; GradNCP: {m['gradncp']['time_s']:.3f} s",
+        "floor of a GradNCP step: "
+        + ", ".join(f"{name} {v:.3f} s" for name, v in res["floor_parts_s"].items())
+        + f" = {res['floor_s']:.3f} s",
+        f"floor / MAML K={s['k']}: {res['floor_ratio']:.3f}; measured GradNCP / MAML: "
+        f"{res['measured_ratio']:.3f}; measured / floor: {res['measured_over_floor']:.2f}",
+        "note: the inner-step term scales MAML's per-step cost by the ratio; it is a floor "
+        "only where a step's work is proportional to its points (true at 64x64 x 4 tasks on "
+        "CPU; on a GPU small steps are launch-bound and cost more than their share).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--k", type=int, default=16, help="inner steps K of both methods")
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--bootstrap-steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--busy",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="rounds, each with this many busy background processes (e.g. 0 1)",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.k < 4 or not 0 < args.ratio <= 1 or args.repeats < 1 or args.bootstrap_steps < 0:
+        parser.error("--k >= 4, --ratio in (0, 1], --repeats >= 1, --bootstrap-steps >= 0")
+    if min(args.busy) < 0:
+        parser.error(f"--busy takes counts >= 0, got {args.busy}")
+    rounds: List[Dict[str, Any]] = []
+    for busy in args.busy:
+        rounds.append(run(args, busy))
+        print(report(rounds[-1]), flush=True)
+    if len(rounds) > 1:
+        first = rounds[0]["measured"]
+        for r in rounds[1:]:
+            slow = {
+                w: r["measured"][w]["time_s"] / first[w]["time_s"] for w in ("maml16", "gradncp")
+            }
+            print(
+                f"slow-down with {r['busy_processes']} busy against {rounds[0]['busy_processes']}: "
+                f"MAML x{slow['maml16']:.2f}, GradNCP x{slow['gradncp']:.2f}; GradNCP/MAML "
+                f"{rounds[0]['measured_ratio']:.3f} -> {r['measured_ratio']:.3f}"
+            )
+    if args.json is not None:
+        args.json.write_text(json.dumps(rounds, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
