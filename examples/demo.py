@@ -110,6 +110,7 @@ def meta_train(
         GradNCP's bootstrap term).
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    load_start = _load_average()
     losses: List[float] = []
     query_losses: List[float] = []
     peak = 0
@@ -139,9 +140,32 @@ def meta_train(
     return {
         "peak_saved_bytes": peak,
         "seconds_per_step": seconds,
+        "load_average": max(load_start, _load_average()),
         "losses": losses,
         "query_losses": query_losses,
     }
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the OS does not report one)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def busy_note(results: Dict[str, Any]) -> str | None:
+    """A warning when other processes shared the CPU while a method trained: the step times
+    are then not comparable (a GradNCP step, made of more and smaller operations, slows down
+    more than a MAML step when its threads wait for a core; docs/benchmarks.md)."""
+    cores = os.cpu_count() or 1
+    own = torch.get_num_threads()
+    loads = {name: m["load_average"] for name, m in results["methods"].items()}
+    if max(loads.values()) <= cores + 0.5:  # every core busy, and more work waiting
+        return None
+    shown = ", ".join(f"{name} {v:.1f}" for name, v in loads.items())
+    return (
+        f"note:    the CPU was shared while training (1-min load average {shown}; {cores} "
+        f"cores, {own} threads here): the s/step column is not a fair comparison. Rerun on an "
+        "idle machine, or with --threads 1, for comparable timings."
+    )
 
 
 def reconstruct(
@@ -214,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     settings = {**DEFAULTS, **(SMOKE if args.smoke else {})}
     settings.update({k: v for k, v in vars(args).items() if v is not None and k != "smoke"})
     t0 = time.perf_counter()
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
     torch.manual_seed(settings["seed"])
     init = Siren(hidden=settings["hidden"], layers=settings["layers"])
     res = settings["resolution"]
@@ -291,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         json.dump(results, f, indent=1)
 
     print(format_table(results, k_test))
+    note = busy_note(results)
+    if note is not None:
+        print(note)
     print(f"figure:  {figure}\ntotal:   {results['total_seconds']:.0f} s")
     return results
 
@@ -335,9 +364,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, help=f"seed of the model and data ({DEFAULTS['seed']})")
     parser.add_argument("--out", help=f"output folder ({DEFAULTS['out']})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
     parser.add_argument("--smoke", action="store_true", help="a tiny run of a few seconds")
     args = parser.parse_args(argv)
-    for name in ("outer_steps", "resolution", "batch", "hidden", "layers", "test_images"):
+    for name in (
+        "outer_steps",
+        "resolution",
+        "batch",
+        "hidden",
+        "layers",
+        "test_images",
+        "threads",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")

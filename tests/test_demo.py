@@ -150,3 +150,12 @@ def test_psnr_by_hand():
     torch.testing.assert_close(psnr(pred, target), torch.tensor([20.0, 10.0 * math.log10(12)]))
     with pytest.raises(ValueError, match="same shape"):
         psnr(pred, target[:1])
+
+
+def test_busy_note_flags_a_shared_cpu_only(monkeypatch):
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    quiet = {"methods": {"MAML": {"load_average": 1.9}, "GradNCP": {"load_average": 2.2}}}
+    assert demo.busy_note(quiet) is None
+    busy = {"methods": {"MAML": {"load_average": 2.1}, "GradNCP": {"load_average": 4.3}}}
+    note = demo.busy_note(busy)
+    assert note is not None and "GradNCP 4.3" in note and "not a fair comparison" in note
