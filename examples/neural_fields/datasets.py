@@ -35,6 +35,9 @@ class SignalSet:
         data_range: peak-to-peak range of the values, for PSNR.
         extra: grid coordinates for the sphere (``lat``, ``lon``, ``valid``).
         audio_bound: audio coordinates span ``[-audio_bound, audio_bound]``.
+        frame_points: for video, make each frame one context point
+            (:func:`signals.frame_context`, for frame-decoding models such as NeRV) instead of
+            each pixel.
     """
 
     name: str
@@ -45,9 +48,12 @@ class SignalSet:
     data_range: float = 1.0
     extra: Dict[str, Tensor] = field(default_factory=dict)
     audio_bound: float = signals.AUDIO_BOUND
+    frame_points: bool = False
 
     @property
     def in_features(self) -> int:
+        if self.frame_points:
+            return 1
         return {"image": 2, "audio": 1, "video": 3, "sphere": 3}[self.kind]
 
     @property
@@ -61,7 +67,9 @@ class SignalSet:
         if self.kind == "audio":
             return signals.audio_context(batch, self.audio_bound)
         if self.kind == "video":
-            return signals.video_context(batch)
+            return (
+                signals.frame_context(batch) if self.frame_points else signals.video_context(batch)
+            )
         x, y = signals.sphere_context(batch, self.extra["lat"], self.extra["lon"])
         valid = self.extra["valid"].reshape(-1).to(batch.device)
         return x[:, valid], y[:, valid]

@@ -103,3 +103,72 @@ class FourierFeatureMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         proj = 2 * math.pi * x @ self.freqs
         return self.net(torch.cat([proj.sin(), proj.cos()], dim=-1))
+
+
+class NeRV(nn.Module):
+    """A small NeRV (Chen et al., 2021): one frame per input, decoded by convolutions.
+
+    A frame time ``t`` in ``[-1, 1]`` goes through a sinusoidal positional encoding and an MLP
+    to a ``channels x base x base`` feature map, then ``blocks`` NeRV blocks (3x3 convolution to
+    4x the channels, pixel shuffle doubling the side, GELU) and a 3x3 convolution head to the
+    frame's channels. ``resolution = base * 2**blocks``. The paper uses 4 blocks at 128x128
+    (Appendix A.2).
+
+    A *point* of ncp's context is then a whole frame: ``x`` is ``(frames, 1)`` and the output
+    ``(frames, resolution, resolution, out_channels)``, channels last like the video tensors
+    (:func:`examples.neural_fields.signals.frame_context`). Pruning keeps whole frames, and the
+    GradNCP score of a frame is the norm of its loss gradient with respect to the head
+    convolution's weight and bias; ncp computes it per frame by autograd (its ``"exact"``
+    strategy, because the head is not a linear layer applied point by point).
+
+    Args:
+        out_channels: channels of a frame (3 for RGB).
+        resolution: frame side; a multiple of ``2**blocks``.
+        blocks: NeRV blocks (each doubles the side).
+        channels: feature channels of every block.
+        frequencies: positional-encoding frequencies (``sin`` and ``cos`` of each).
+        hidden: width of the MLP.
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 3,
+        resolution: int = 32,
+        blocks: int = 3,
+        channels: int = 32,
+        frequencies: int = 8,
+        hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        if blocks < 1 or resolution % (2**blocks) or resolution < 2**blocks:
+            raise ValueError(
+                f"`resolution` must be a multiple of 2**blocks = {2**blocks} (>= it), got "
+                f"resolution={resolution} with blocks={blocks}."
+            )
+        self.base, self.channels, self.out_channels = (
+            resolution // 2**blocks,
+            channels,
+            out_channels,
+        )
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(frequencies).float())
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * frequencies, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, channels * self.base * self.base),
+            nn.GELU(),
+        )
+        stages: list = []
+        for _ in range(blocks):
+            stages += [
+                nn.Conv2d(channels, 4 * channels, 3, padding=1),
+                nn.PixelShuffle(2),
+                nn.GELU(),
+            ]
+        self.blocks = nn.Sequential(*stages)
+        self.head = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = t * self.freqs  # (frames, frequencies)
+        code = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        maps = self.mlp(code).view(-1, self.channels, self.base, self.base)
+        return self.head(self.blocks(maps)).permute(0, 2, 3, 1)

@@ -93,6 +93,16 @@ def video_context(videos: Tensor) -> Tuple[Tensor, Tensor]:
     return coords.expand(tasks, f * h * w, 3), videos.reshape(tasks, f * h * w, c)
 
 
+def frame_context(videos: Tensor) -> Tuple[Tensor, Tensor]:
+    """Videos ``(tasks, F, H, W, C)`` as whole-frame points, for frame-decoding models such as
+    NeRV: ``x`` ``(tasks, F, 1)``, the frame times on ``[-1, 1]``, and ``y`` the videos
+    themselves, ``(tasks, F, H, W, C)``."""
+    _check(videos, 5, "videos", "(tasks, frames, height, width, channels)")
+    tasks, f = videos.shape[:2]
+    times = torch.linspace(-1.0, 1.0, f, device=videos.device, dtype=videos.dtype)
+    return times.view(1, f, 1).expand(tasks, f, 1), videos
+
+
 def equal_angle_grid(n_lat: int, n_lon: int) -> Tuple[Tensor, Tensor]:
     """Equally spaced latitudes ``[-90, 90]`` (poles included) and longitudes ``[0, 360)`` in
     degrees, as ERA5's 0.25-degree grid (``equal_angle_grid(721, 1440)``)."""

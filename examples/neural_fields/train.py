@@ -40,7 +40,7 @@ import ncp
 from examples import harness
 from examples.neural_fields import datasets
 from examples.neural_fields.metrics import psnr
-from examples.neural_fields.models import FourierFeatureMLP, Siren
+from examples.neural_fields.models import FourierFeatureMLP, NeRV, Siren
 
 METHODS = ("maml", "gradncp")
 SCORES = ("gradncp", "loss", "random")
@@ -83,6 +83,7 @@ PAPER: Dict[str, Any] = dict(
     bootstrap_steps=5,
     bootstrap_lr=5e-2,
     bootstrap_weight=100.0,
+    bootstrap_chunk=None,  # all points at once; n: each target step's gradient in chunks of n
     resolution=178,
     seconds=1.0,
     audio_bound=50.0,
@@ -170,7 +171,10 @@ def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
     bootstrap = None
     if s["bootstrap_steps"] > 0:
         bootstrap = ncp.BootstrapMetaLoss(
-            steps=s["bootstrap_steps"], lr=s["bootstrap_lr"], weight=s["bootstrap_weight"]
+            steps=s["bootstrap_steps"],
+            lr=s["bootstrap_lr"],
+            weight=s["bootstrap_weight"],
+            chunk_size=s.get("bootstrap_chunk"),
         )
     return ncp.MetaConfig(
         inner_steps=steps,
@@ -193,7 +197,17 @@ def make_learned_lr(
 
 
 def make_model(s: Dict[str, Any], signals: datasets.SignalSet) -> nn.Module:
-    """SIREN (w0 30, 50 on the sphere; 5 layers, 7 for video) or a Fourier-feature MLP."""
+    """SIREN (w0 30, 50 on the sphere; 5 layers, 7 for video), a Fourier-feature MLP, or NeRV
+    for video (``--layers`` NeRV blocks, default 3; ``--hidden`` its channels and MLP width)."""
+    if s["model"] == "nerv":
+        frame = signals.test.shape[2:]  # (H, W, C)
+        if signals.kind != "video" or frame[0] != frame[1]:
+            raise ValueError(
+                f"--model nerv decodes square video frames; --data {s['data']} holds "
+                f"{signals.kind} signals of shape {tuple(signals.test.shape[1:])}."
+            )
+        width = s["hidden"]
+        return NeRV(frame[2], frame[0], blocks=s["layers"] or 3, channels=width, hidden=width)
     layers = s["layers"] or (7 if signals.kind == "video" else 5)
     if s["model"] == "ffn":
         return FourierFeatureMLP(
@@ -204,8 +218,8 @@ def make_model(s: Dict[str, Any], signals: datasets.SignalSet) -> nn.Module:
 
 
 def load_data(s: Dict[str, Any]) -> datasets.SignalSet:
-    """The run's :class:`~datasets.SignalSet`."""
-    return datasets.build(
+    """The run's :class:`~datasets.SignalSet` (whole frames as points for NeRV)."""
+    signal_set = datasets.build(
         s["data"],
         resolution=s["resolution"],
         seconds=s["seconds"],
@@ -217,6 +231,8 @@ def load_data(s: Dict[str, Any]) -> datasets.SignalSet:
         seed=s["seed"],
         audio_bound=s.get("audio_bound", PAPER["audio_bound"]),
     )
+    signal_set.frame_points = s.get("model") == "nerv"
+    return signal_set
 
 
 def test_psnr(
@@ -367,9 +383,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--root", help="folder (or grid file) of your own data, for *_folder and grid_file")
     a("--variable", help="variable of a grid_file")
     a("--method", choices=METHODS, help=f"meta-learning method ({d['method']})")
-    a("--model", choices=("siren", "ffn"), help="SIREN or Fourier-feature MLP (siren)")
+    a(
+        "--model",
+        choices=("siren", "ffn", "nerv"),
+        help="SIREN, Fourier-feature MLP, or NeRV (video; a frame is a point) (siren)",
+    )
     a("--hidden", type=int, help=f"width ({d['hidden']})")
-    a("--layers", type=int, help="linear layers (5; 7 for video)")
+    a("--layers", type=int, help="linear layers (5; 7 for video); NeRV blocks (3)")
     a("--w0", type=float, help="SIREN frequency (30; 50 on the sphere)")
     a("--ff-scale", type=float, help=f"Fourier-feature scale ({d['ff_scale']:g})")
     a("--outer-steps", type=int, help=f"outer steps ({d['outer_steps']})")
@@ -385,6 +405,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bootstrap-steps", type=int, help=f"L, 0 turns the bootstrap off ({d['bootstrap_steps']})")
     a("--bootstrap-lr", type=float, help=f"bootstrap target lr ({d['bootstrap_lr']:g})")
     a("--bootstrap-weight", type=float, help=f"lambda ({d['bootstrap_weight']:g})")
+    a(
+        "--bootstrap-chunk",
+        type=int,
+        help="accumulate each bootstrap step's gradient over chunks of this many points, so "
+        "its transient full-context graph stays out of the peak (all at once)",
+    )
     a("--resolution", type=int, help=f"image / frame side ({d['resolution']})")
     a("--seconds", type=float, help=f"audio clip length ({d['seconds']:g})")
     a("--audio-bound", type=float, help=f"audio coordinates on [-B, B] ({d['audio_bound']:g})")
@@ -413,6 +439,7 @@ POSITIVE = [
     "log_every",
     "ckpt_every",
     "threads",
+    "bootstrap_chunk",
 ]
 
 
