@@ -461,3 +461,27 @@ def test_gradnorm_ratio_of_pruned_to_full_gradient(text_run):
     assert lines[1].startswith("ratio 0.5 (at most 2): ") and "| max " in lines[1]
     with pytest.raises(SystemExit):
         gradnorm.main(["--run", str(text_run), "--ratios", "0"])
+
+
+def test_time_to_quality_excludes_evaluation_time(tmp_path):
+    flags = ["--smoke", "--data", "text", "--outer-steps", "4", "--eval-every", "1"]
+    for method in ("maml", "gradncp"):
+        train.main([*flags, "--method", method, "--out", str(tmp_path / method)])
+    log = train.read_log(tmp_path / "gradncp")
+    evals = [r for r in log if r.get("event") == "eval"]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
+    train_s = [r["train_seconds"] for r in evals]
+    assert train_s == sorted(train_s) and train_s[0] > 0
+    # meta-training time only: below the wall clock, which includes the evaluations
+    assert steps[-1]["train_seconds"] < steps[-1]["seconds"]
+    runs = [str(tmp_path / "maml"), str(tmp_path / "gradncp")]
+    curves, target, reached = figures.time_to_quality(runs)
+    assert set(curves) == {"maml K=4", "gradncp K=16 r=0.25"}
+    assert target == min(max(p for _, p in pts) for pts in curves.values())
+    for label, t in reached.items():
+        assert t is not None and any(s == t and p >= target for s, p in curves[label])
+    path = figures.main(
+        ["time", "--run", runs[0], "--run", runs[1], "--out", str(tmp_path / "t.png")]
+    )
+    assert os.path.getsize(path) > 0

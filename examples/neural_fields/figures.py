@@ -1,5 +1,6 @@
 """Figures like the paper's: Figure 1 (the points GradNCP keeps at each step, the residual and
-the reconstruction) and Figure 5b (PSNR against test-time steps, beyond the training horizon).
+the reconstruction), Figure 5b (PSNR against test-time steps, beyond the training horizon) and
+Figure 3b (test PSNR against meta-training time).
 
 Run from the repository root::
 
@@ -16,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -159,18 +160,84 @@ def _myopia_from_runs(runs: Sequence[str], out: str) -> str:
     return figure_myopia(out, curves, horizons, title=res["data"])
 
 
+def time_to_quality(
+    runs: Sequence[str],
+) -> Tuple[Dict[str, List[Tuple[float, float]]], float, Dict[str, float | None]]:
+    """Test PSNR against meta-training seconds of each run folder (paper Figure 3b).
+
+    Reads each run's periodic evaluations (``metrics.jsonl`` records with ``train_seconds``:
+    meta-training time only, evaluations and checkpoints excluded). Returns the curves
+    ``{label: [(seconds, psnr), ...]}``, the target PSNR every run reaches (the lowest of the
+    runs' best values) and, per run, the first time it reached the target.
+    """
+    from examples.neural_fields.train import read_log
+
+    curves: Dict[str, List[Tuple[float, float]]] = {}
+    for run in runs:
+        log = read_log(run)
+        start = next((r for r in log if r.get("event") == "start"), None)
+        points = [
+            (r["train_seconds"], r["psnr"])
+            for r in log
+            if r.get("event") == "eval" and "train_seconds" in r
+        ]
+        if start is None or not points:
+            raise ValueError(
+                f"{run} has no periodic evaluation with train_seconds; train it with this "
+                "version of examples.neural_fields.train (and a small --eval-every)."
+            )
+        st = start["settings"]
+        label = f"{st['method']} K={st['inner_steps']}" + (
+            f" r={st['ratio']:g}" if st["method"] == "gradncp" else ""
+        )
+        curves[label] = points
+    target = min(max(p for _, p in pts) for pts in curves.values())
+    reached = {
+        label: next((t for t, p in pts if p >= target), None) for label, pts in curves.items()
+    }
+    return curves, target, reached
+
+
+def figure_time(path: str, runs: Sequence[str]) -> Tuple[str, str]:
+    """Write the Figure 3b analogue (test PSNR against meta-training time) and return the path
+    and a one-line summary of the time each run took to reach the common target PSNR."""
+    from matplotlib.figure import Figure
+
+    curves, target, reached = time_to_quality(runs)
+    fig = Figure(figsize=(5, 3.4), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for i, (label, pts) in enumerate(curves.items()):
+        ax.plot([t for t, _ in pts], [p for _, p in pts], marker=".", label=label, color=f"C{i}")
+        if reached[label] is not None:
+            ax.axvline(reached[label], color=f"C{i}", ls=":", lw=1)
+    ax.axhline(target, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("meta-training time (s, evaluations excluded)")
+    ax.set_ylabel("test PSNR (dB)")
+    ax.set_title(f"time to {target:.2f} dB (dotted)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+    summary = f"time to {target:.2f} dB: " + ", ".join(
+        f"{label} {'-' if t is None else f'{t:.0f} s'}" for label, t in reached.items()
+    )
+    return path, summary
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     """Command line entry point; returns the path written."""
     from examples.neural_fields.evaluate import load_run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("figure", choices=("pruning", "myopia"))
+    parser.add_argument("figure", choices=("pruning", "myopia", "time"))
     parser.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--signals", type=int, default=3, help="test images shown (3)")
     args = parser.parse_args(argv)
     if args.figure == "myopia":
         path = _myopia_from_runs(args.run, args.out)
+    elif args.figure == "time":
+        path, summary = figure_time(args.out, args.run)
+        print(summary)
     else:
         r = load_run(args.run[0])
         if r["signals"].kind != "image":

@@ -128,7 +128,22 @@ NERV: Dict[str, Any] = {
 }
 RUNS["video_nerv_maml"] = ("nerv", "video", {**MAML, **NERV})
 RUNS["video_nerv_gradncp"] = ("nerv", "video", {**gradncp("video", ratio=0.5), **NERV})
-GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd", "diagnostic", "video", "nerv")
+# Time to quality (Figure 3b): Text, MAML K=4 against GradNCP K=16 at the same memory, with an
+# evaluation every 20 steps; run it alone on an idle machine (wall-clock time is the measure).
+TIMED: Dict[str, Any] = {"eval_every": 20, "log_every": 20}
+RUNS["text_time_maml"] = ("time", "text", {**MAML, **TIMED})
+RUNS["text_time_gradncp"] = ("time", "text", {**gradncp("text"), **TIMED})
+GROUPS = (
+    "table1",
+    "ratio",
+    "score",
+    "bootstrap",
+    "metasgd",
+    "diagnostic",
+    "video",
+    "nerv",
+    "time",
+)
 DEFAULT_GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd")
 EVAL: Dict[str, Any] = {"signals": 32, "horizon": 64, "test_lrs": (0.02, 0.05)}
 

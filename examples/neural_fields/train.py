@@ -323,10 +323,13 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             ckpt_path,
         )
 
+    # meta-training seconds of earlier calls (a resumed run), from the last logged record
+    trained_before = max((r.get("train_seconds", 0.0) for r in log.records()), default=0.0)
     total = s["outer_steps"]
     end = total if stop_after is None else min(total, step + stop_after)
     bar = harness.progress(total, initial=step, desc=f"{s['method']} {s['data']}")
     start = time.perf_counter()
+    excluded = 0.0  # seconds of this call spent in evaluations and checkpoints
     while step < end:
         idx = torch.randint(signals.n_train, (s["batch"],), generator=sampler).tolist()
         x, y = signals.context(signals.train_batch(idx).to(device))
@@ -350,15 +353,21 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             q = out.query_loss.mean().item()
             rec = {"step": step, "loss": out.loss.item(), "query_loss": q}
             rec["seconds"] = time.perf_counter() - start
+            rec["train_seconds"] = trained_before + rec["seconds"] - excluded
             log.write(rec)
             bar.set_postfix(loss=f"{q:.4g}")
         if step % s["eval_every"] == 0 or step == total:
+            paused = time.perf_counter()
+            done_s = trained_before + paused - start - excluded
             test = signals.test[: s["eval_signals"]]
             value = test_psnr(model, cfg, signals, test, steps=s["test_steps"], learned_lr=rates)
-            log.write({"step": step, "event": "eval", "psnr": value})
+            log.write({"step": step, "event": "eval", "psnr": value, "train_seconds": done_s})
             bar.write(f"step {step}: test PSNR {value:.2f} dB after {s['test_steps']} steps")
+            excluded += time.perf_counter() - paused
         if step % s["ckpt_every"] == 0 or step == end:
+            paused = time.perf_counter()
             save()
+            excluded += time.perf_counter() - paused
     bar.close()
     return {
         "model": model,
