@@ -3,6 +3,7 @@ exact resumption from a checkpoint."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -485,3 +486,15 @@ def test_time_to_quality_excludes_evaluation_time(tmp_path):
         ["time", "--run", runs[0], "--run", runs[1], "--out", str(tmp_path / "t.png")]
     )
     assert os.path.getsize(path) > 0
+
+
+def test_bootstrap_context_and_chunk_flags_reach_the_config():
+    s = {**train.PAPER, "data": "text", "method": "gradncp"}
+    cfg = train.make_config({**s, "bootstrap_context": "pruned", "bootstrap_chunk": 64})
+    assert cfg.bootstrap.context == "pruned" and cfg.bootstrap.chunk_size == 64
+    assert train.make_config(s).bootstrap.context == "full"
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--bootstrap-context", "random", "--bootstrap-chunk", "8"])
+    got = train.settings_from(args, parser)
+    assert (got["bootstrap_context"], got["bootstrap_chunk"]) == ("random", 8)

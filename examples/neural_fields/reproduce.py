@@ -76,6 +76,13 @@ for _s in ("loss", "random"):
 for _L in (0, 1):
     RUNS[f"text_L{_L}"] = ("bootstrap", "text", gradncp("text", bootstrap_steps=_L))
 # The paper meta-learns the inner rates too (Meta-SGD, its ref. [35]); ncp.LearnedLR, per entry.
+# Table 9: the bootstrap target's context (full is text_gradncp, none is text_L0)
+for _c in ("pruned", "random"):
+    RUNS[f"text_bootctx_{_c}"] = ("bootctx", "text", gradncp("text", bootstrap_context=_c))
+# Table 7b / Appendix D.3: the score ablation with a Fourier-feature network (ReLU), MAML beside
+RUNS["text_ffn_maml"] = ("ffn", "text", {**MAML, "model": "ffn"})
+for _s in _train.SCORES:
+    RUNS[f"text_ffn_score_{_s}"] = ("ffn", "text", gradncp("text", score=_s, model="ffn"))
 RUNS["text_maml_metasgd"] = ("metasgd", "text", {**MAML, "learned_lr": "param"})
 RUNS["text_gradncp_metasgd"] = ("metasgd", "text", gradncp("text", learned_lr="param"))
 # Climate: GradNCP diverged at ratio 0.25 (K=16), the setting used before the paper's 0.5. The
@@ -143,6 +150,8 @@ GROUPS = (
     "video",
     "nerv",
     "time",
+    "bootctx",
+    "ffn",
 )
 DEFAULT_GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd")
 EVAL: Dict[str, Any] = {"signals": 32, "horizon": 64, "test_lrs": (0.02, 0.05)}
@@ -541,6 +550,29 @@ def report(out: str, preset: str = "cpu") -> str:
             f"| {m} | {_seeds(out, name)} | {_mb(out, name)} | {cell(values(out, name, v))} "
             f"| {cell(values(out, name, v + ' +rescale'))} "
             f"| {cell(values(out, name, v + ' pruned'))} | {cell(values(out, name, v, step=64))} |"
+        )
+    lines += ["", "### Bootstrap target context (Table 9, Text, K=16, ratio 0.25)", ""]
+    lines += [
+        "| context | seeds | PSNR@16 | PSNR@16 +rescale | PSNR@16 pruned |",
+        "|---|---|---|---|---|",
+    ]
+    for ctx, name in (
+        ("full", "text_gradncp"),
+        ("pruned", "text_bootctx_pruned"),
+        ("random", "text_bootctx_random"),
+        ("none (L=0)", "text_L0"),
+    ):
+        lines.append(
+            f"| {ctx} | {_seeds(out, name)} | {cell(values(out, name, BASE))} "
+            f"| {cell(values(out, name, BASE + ' +rescale'))} "
+            f"| {cell(values(out, name, BASE + ' pruned'))} |"
+        )
+    lines += ["", "### Fourier-feature network (Table 7b): score ablation, Text", ""]
+    lines += ["| run | seeds | PSNR@16 | PSNR@16 +rescale |", "|---|---|---|---|"]
+    for name in ("text_ffn_maml", *(f"text_ffn_score_{s}" for s in _train.SCORES)):
+        lines.append(
+            f"| {name} | {_seeds(out, name)} | {cell(values(out, name, BASE))} "
+            f"| {cell(values(out, name, BASE + ' +rescale'))} |"
         )
     lines += ["", "### NeRV on video (Table 2): whole frames as points, K_test=16, lr 0.1", ""]
     lines += [

@@ -84,6 +84,7 @@ PAPER: Dict[str, Any] = dict(
     bootstrap_lr=5e-2,
     bootstrap_weight=100.0,
     bootstrap_chunk=None,  # all points at once; n: each target step's gradient in chunks of n
+    bootstrap_context="full",  # the target's context (paper: full; Table 9: pruned, random)
     resolution=178,
     seconds=1.0,
     audio_bound=50.0,
@@ -175,6 +176,7 @@ def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
             lr=s["bootstrap_lr"],
             weight=s["bootstrap_weight"],
             chunk_size=s.get("bootstrap_chunk"),
+            context=s.get("bootstrap_context", "full"),
         )
     return ncp.MetaConfig(
         inner_steps=steps,
@@ -414,6 +416,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bootstrap-steps", type=int, help=f"L, 0 turns the bootstrap off ({d['bootstrap_steps']})")
     a("--bootstrap-lr", type=float, help=f"bootstrap target lr ({d['bootstrap_lr']:g})")
     a("--bootstrap-weight", type=float, help=f"lambda ({d['bootstrap_weight']:g})")
+    a(
+        "--bootstrap-context",
+        choices=("full", "pruned", "random"),
+        help="the bootstrap target's context: full (the paper's), pruned by the score, or a "
+        "random subset of the pruned size (Table 9) (full)",
+    )
     a(
         "--bootstrap-chunk",
         type=int,
