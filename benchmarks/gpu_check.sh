@@ -16,4 +16,8 @@ for res in 64 178; do
     --json "$OUT/bench_$res.json" 2>&1 | tee "$OUT/bench_$res.txt"
 done
 python3 benchmarks/bench_scale.py --device cuda --resolutions 64 256 512 1024 \
-  --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.txt"
+  --configs "K=16 r=0.01 L=5" "K=16 r=0.25 L=5" --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.txt"
+# 2048x2048 (4,194,304 points) with the inner steps recomputed in backward, and its CUDA peak
+python3 benchmarks/bench_scale.py --device cuda --resolutions 1024 2048 \
+  --configs "K=16 r=0.01 L=5 recompute" --repeats 0 --json "$OUT/scale_recompute.json" 2>&1 \
+  | tee "$OUT/scale_recompute.txt"

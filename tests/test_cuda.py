@@ -68,3 +68,23 @@ def test_vectorised_gradncp_scores_on_cuda_equal_the_task_loop():
     got = ncp.functional.score_points(model, params, x, y, loss_fn=ncp.losses.mse, head=head)
     assert got.device.type == "cuda"
     assert_close(got, loop, rtol=1e-4, atol=1e-6)
+
+
+def test_recomputed_steps_on_cuda_match_and_hold_less():
+    torch.manual_seed(0)
+    model = _models.mlp(2, 3, hidden=64).cuda()
+    x, y = (t.repeat(1, 16, 1) for t in _data("cuda"))
+    base = ncp.MetaConfig(inner_steps=6, pruner=ncp.ContextPruner(ratio=0.5))
+    plain = ncp.meta_step(model, (x, y), base)
+    with ncp.MemoryMeter("cuda") as meter:
+        again = ncp.meta_step(
+            model, (x, y), ncp.MetaConfig(**{**base.__dict__, "recompute_steps": True})
+        )
+    params = list(model.parameters())
+    for u, v in zip(
+        torch.autograd.grad(plain.loss, params),
+        torch.autograd.grad(again.loss, params),
+        strict=True,
+    ):
+        assert_close(v, u, rtol=1e-4, atol=1e-6)
+    assert meter.peak_cuda_bytes is not None and meter.peak_cuda_bytes > 0
