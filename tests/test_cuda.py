@@ -79,9 +79,7 @@ def test_recomputed_steps_on_cuda_match_and_hold_less():
     base = ncp.MetaConfig(inner_steps=6, pruner=ncp.ContextPruner(ratio=0.5))
     plain = ncp.meta_step(model, (x, y), base)
     with ncp.MemoryMeter("cuda") as meter:
-        again = ncp.meta_step(
-            model, (x, y), ncp.MetaConfig(**{**base.__dict__, "recompute_steps": True})
-        )
+        again = ncp.meta_step(model, (x, y), dataclasses.replace(base, recompute_steps=True))
     params = list(model.parameters())
     for u, v in zip(
         torch.autograd.grad(plain.loss, params),
