@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
+from ._checks import is_int_at_least, is_number_above
 from ._inner import first_order_steps
 from ._params import Params, check_chunk_size
 from .losses import LossFn
@@ -93,18 +94,14 @@ class BootstrapMetaLoss:
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+        if not is_int_at_least(self.steps, 1):
             raise ValueError(
                 f"`BootstrapMetaLoss.steps` must be an int >= 1, got {self.steps!r}; "
                 "pass bootstrap=None to MetaConfig for no bootstrap term."
             )
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+        if not is_number_above(self.lr):
             raise ValueError(f"`BootstrapMetaLoss.lr` must be > 0, got {self.lr!r}.")
-        if (
-            isinstance(self.weight, bool)
-            or not isinstance(self.weight, (int, float))
-            or not self.weight >= 0
-        ):
+        if not is_number_above(self.weight, 0.0, inclusive=True):
             raise ValueError(f"`BootstrapMetaLoss.weight` must be >= 0, got {self.weight!r}.")
         if not isinstance(self.squared, bool):
             raise TypeError(f"`BootstrapMetaLoss.squared` must be a bool, got {self.squared!r}.")

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from . import losses
 from ._bootstrap import BootstrapMetaLoss
+from ._checks import is_int_at_least, is_number_above
 from ._params import as_adapt_only, check_chunk_size
 from ._pruning import ContextPruner
 from .losses import LossFn
@@ -67,19 +68,11 @@ class MetaConfig:
     recompute_steps: bool = False
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.inner_steps, bool)
-            or not isinstance(self.inner_steps, int)
-            or self.inner_steps < 1
-        ):
+        if not is_int_at_least(self.inner_steps, 1):
             raise ValueError(
                 f"`MetaConfig.inner_steps` must be an int >= 1, got {self.inner_steps!r}."
             )
-        if (
-            isinstance(self.inner_lr, bool)
-            or not isinstance(self.inner_lr, (int, float))
-            or not self.inner_lr > 0
-        ):
+        if not is_number_above(self.inner_lr):
             raise ValueError(f"`MetaConfig.inner_lr` must be a number > 0, got {self.inner_lr!r}.")
         for name in ("first_order", "vmap_tasks", "recompute_steps"):
             if not isinstance(getattr(self, name), bool):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from ._checks import is_int_at_least, is_number_above
 from ._config import MetaConfig
 from ._distributed import unwrap
 from ._inner import LR, detached_leaves, sgd_update, task_gradients, task_losses
@@ -376,9 +377,9 @@ def _adapt_setup(
     learned_lr = _check_learned_lr(learned_lr, names, 1)
     steps = cfg.inner_steps if steps is None else steps
     lr = cfg.inner_lr if lr is None else lr
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if not is_int_at_least(steps, 0):
         raise ValueError(f"`steps` must be an int >= 0, got {steps!r}.")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    if not is_number_above(lr):
         raise ValueError(f"`lr` must be a number > 0, got {lr!r}.")
     return (
         model,

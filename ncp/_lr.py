@@ -7,6 +7,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_int_at_least, is_number_above
 from ._params import trainable_names
 
 
@@ -37,9 +38,9 @@ class LearnedLR(nn.Module):
         self, model: nn.Module, steps: int, *, init: float = 1e-2, per_parameter: bool = False
     ) -> None:
         super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not is_int_at_least(steps, 1):
             raise ValueError(f"`LearnedLR.steps` must be an int >= 1, got {steps!r}.")
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not init > 0:
+        if not is_number_above(init):
             raise ValueError(f"`LearnedLR.init` must be a number > 0, got {init!r}.")
         self.steps = steps
         self.per_parameter = per_parameter

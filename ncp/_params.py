@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ._checks import is_int_at_least
+
 Params = Dict[str, Tensor]
 """Per-task parameters: name -> tensor of shape ``(tasks, *parameter.shape)``."""
 
@@ -142,7 +144,7 @@ def task_forward(
 
 def check_chunk_size(value: object, owner: str) -> None:
     """``value`` is None or a positive int (``owner`` names the field in the error)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and not is_int_at_least(value, 1):
         raise ValueError(f"`{owner}.chunk_size` must be a positive int or None, got {value!r}.")
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Literal, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_int_at_least
 from ._config import MetaConfig
 from ._driver import meta_step
 from ._lr import LearnedLR
@@ -70,7 +71,7 @@ def _budget_bytes(
                 f"batch is on {device}; pass a number of bytes or a MetaConfig to match."
             )
         return int(torch.cuda.mem_get_info(device)[0])
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+    if not is_int_at_least(budget, 1):
         raise ValueError(
             "`budget` must be a number of bytes (int >= 1), a MetaConfig whose memory to match, "
             f"or 'device', got {budget!r}."
@@ -148,7 +149,7 @@ def plan_memory(
         raise TypeError(f"`cfg` must be an ncp.MetaConfig, got {type(cfg).__name__}.")
     if vary not in ("inner_steps", "ratio"):
         raise ValueError(f"`vary` must be 'inner_steps' or 'ratio', got {vary!r}.")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+    if not is_int_at_least(max_steps, 1):
         raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
     if cfg.recompute_steps:
         raise ValueError(

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
+from ._checks import is_int_at_least, is_number_above
 from ._params import Params, check_chunk_size, check_params, init_params
 from ._scoring import SCORES, STRATEGIES, Score, ScorePlan, Strategy, plan
 from ._validation import check_device, check_pair
@@ -199,11 +200,7 @@ class ContextPruner:
                 "`ContextPruner.score_dtype` has no effect with score='random' (no forward "
                 "pass); drop it or use score='gradncp' / 'loss'."
             )
-        if self.balance_classes is not None and (
-            isinstance(self.balance_classes, bool)
-            or not isinstance(self.balance_classes, int)
-            or self.balance_classes < 2
-        ):
+        if self.balance_classes is not None and not is_int_at_least(self.balance_classes, 2):
             raise ValueError(
                 "`ContextPruner.balance_classes` must be the number of classes (an int >= 2) "
                 f"or None, got {self.balance_classes!r}."
@@ -213,11 +210,7 @@ class ContextPruner:
                 f"`ContextPruner.strategy` must be one of {list(STRATEGIES)}, got "
                 f"{self.strategy!r}."
             )
-        if (
-            isinstance(self.gain_lr, bool)
-            or not isinstance(self.gain_lr, (int, float))
-            or not self.gain_lr > 0
-        ):
+        if not is_number_above(self.gain_lr):
             raise ValueError(f"`ContextPruner.gain_lr` must be a number > 0, got {self.gain_lr!r}.")
         if self.generator is not None and self.score != "random":
             raise ValueError(

@@ -345,8 +345,8 @@ def rescale_callback(
         A function from the gradients in ``model.parameters()`` order to the rescaled ones.
 
     Raises:
-        ValueError: on mismatched shapes or devices, a loss that is not per-point, a ratio that
-            keeps no point, or fast weights that do not match ``model`` (see :func:`fast_params`).
+        ValueError: in the cases :func:`prune` refuses (the callback scores and prunes the
+            same way).
 
     Example:
         >>> import torch, higher, ncp

@@ -22,6 +22,7 @@ from typing import Callable, List, Sequence
 
 from torch import Tensor, nn
 
+from .._checks import is_int_at_least
 from .._params import Params, init_params, trainable_names
 
 __all__ = ["FunctionalModel", "params_of"]
@@ -60,7 +61,7 @@ def params_of(module: nn.Module, tasks: int = 1) -> Params:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be an nn.Module, got {type(module).__name__}.")
-    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+    if not is_int_at_least(tasks, 1):
         raise ValueError(f"`tasks` must be an int >= 1, got {tasks!r}.")
     if not trainable_names(module):
         raise ValueError(
