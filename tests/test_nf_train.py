@@ -498,3 +498,23 @@ def test_bootstrap_context_and_chunk_flags_reach_the_config():
     args = parser.parse_args(["--bootstrap-context", "random", "--bootstrap-chunk", "8"])
     got = train.settings_from(args, parser)
     assert (got["bootstrap_context"], got["bootstrap_chunk"]) == ("random", 8)
+
+
+def test_reptile_gradient_is_theta0_minus_the_mean_adapted_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = train.Siren(2, 3, hidden=8, layers=2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(3, 20, 2, generator=g), torch.rand(3, 20, 3, generator=g)
+    cfg = train.make_config({**train.PAPER, "method": "reptile", "inner_steps": 3})
+    assert cfg.first_order and cfg.pruner is None and cfg.inner_steps == 3
+    losses = train.reptile_step(model, x, y, cfg)
+    adapted = ncp.adapt(model, x, y, cfg).params
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, p.detach() - adapted[name].mean(0))
+    assert losses.shape == (3,)
+    out = tmp_path / "reptile"
+    flags = ["--smoke", "--data", "text", "--method", "reptile", "--inner-steps", "2"]
+    done = train.main([*flags, "--out", str(out)])
+    assert done["step"] == 2 and any("loss" in r for r in train.read_log(out))
+    with pytest.raises(SystemExit):
+        train.main([*flags, "--learned-lr", "step", "--out", str(tmp_path / "x")])

@@ -76,6 +76,10 @@ for _s in ("loss", "random"):
 for _L in (0, 1):
     RUNS[f"text_L{_L}"] = ("bootstrap", "text", gradncp("text", bootstrap_steps=_L))
 # The paper meta-learns the inner rates too (Meta-SGD, its ref. [35]); ncp.LearnedLR, per entry.
+# Table 8: first-order baselines with 8x GradNCP's horizon (K = 128; GradNCP K = 16 is
+# text_gradncp): first-order MAML and Reptile, full context, no graph across steps
+RUNS["text_fomaml_K128"] = ("firstorder", "text", {**MAML, "first_order": True, "inner_steps": 128})
+RUNS["text_reptile_K128"] = ("firstorder", "text", {"method": "reptile", "inner_steps": 128})
 # Table 9: the bootstrap target's context (full is text_gradncp, none is text_L0)
 for _c in ("pruned", "random"):
     RUNS[f"text_bootctx_{_c}"] = ("bootctx", "text", gradncp("text", bootstrap_context=_c))
@@ -152,6 +156,7 @@ GROUPS = (
     "time",
     "bootctx",
     "ffn",
+    "firstorder",
 )
 DEFAULT_GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd")
 EVAL: Dict[str, Any] = {"signals": 32, "horizon": 64, "test_lrs": (0.02, 0.05)}
@@ -216,7 +221,10 @@ SEEDS = (0, 1, 2)
 def _flags(flags: Dict[str, Any]) -> List[str]:
     out = []
     for k, v in flags.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
+        if isinstance(v, bool):  # a switch: present when True
+            out += [f"--{k.replace('_', '-')}"] if v else []
+        else:
+            out += [f"--{k.replace('_', '-')}", str(v)]
     return out
 
 
@@ -566,6 +574,17 @@ def report(out: str, preset: str = "cpu") -> str:
             f"| {ctx} | {_seeds(out, name)} | {cell(values(out, name, BASE))} "
             f"| {cell(values(out, name, BASE + ' +rescale'))} "
             f"| {cell(values(out, name, BASE + ' pruned'))} |"
+        )
+    lines += ["", "### First-order baselines at 8x the horizon (Table 8, Text)", ""]
+    lines += [
+        "| run | seeds | saved MB | PSNR@16 | PSNR@16 +rescale | PSNR@64 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("text_gradncp", "text_fomaml_K128", "text_reptile_K128"):
+        lines.append(
+            f"| {name} | {_seeds(out, name)} | {_mb(out, name)} | {cell(values(out, name, BASE))} "
+            f"| {cell(values(out, name, BASE + ' +rescale'))} "
+            f"| {cell(values(out, name, BASE, step=64))} |"
         )
     lines += ["", "### Fourier-feature network (Table 7b): score ablation, Text", ""]
     lines += ["| run | seeds | PSNR@16 | PSNR@16 +rescale |", "|---|---|---|---|"]

@@ -27,7 +27,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from examples.neural_fields import datasets
 from examples.neural_fields.metrics import psnr
 from examples.neural_fields.models import FourierFeatureMLP, NeRV, Siren
 
-METHODS = ("maml", "gradncp")
+METHODS = ("maml", "gradncp", "reptile")
 SCORES = ("gradncp", "loss", "random")
 CHECKPOINT = harness.CHECKPOINT
 LOG = harness.LOG
@@ -132,7 +132,7 @@ def paper_ratio(data: str) -> float:
 
 def paper_inner_steps(method: str, ratio: float) -> int:
     """The paper's K: 4 for MAML; 4 / ratio for GradNCP, which keeps its memory equal."""
-    return MAML_STEPS if method == "maml" else max(1, round(MAML_STEPS / ratio))
+    return MAML_STEPS if method in ("maml", "reptile") else max(1, round(MAML_STEPS / ratio))
 
 
 def resolve(s: Dict[str, Any]) -> Dict[str, Any]:
@@ -155,14 +155,15 @@ def resolve(s: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
-    """The :class:`ncp.MetaConfig` of a run: MAML (full context, no bootstrap) or GradNCP."""
+    """The :class:`ncp.MetaConfig` of a run: MAML (full context, no bootstrap), Reptile (the
+    same, first order) or GradNCP."""
     s = resolve(s)
     steps = s["inner_steps"]
-    if s["method"] == "maml":
+    if s["method"] in ("maml", "reptile"):
         return ncp.MetaConfig(
             inner_steps=steps,
             inner_lr=s["inner_lr"],
-            first_order=s["first_order"],
+            first_order=s["first_order"] or s["method"] == "reptile",
             pruner=None,
             bootstrap=None,
         )
@@ -185,6 +186,20 @@ def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
         pruner=ncp.ContextPruner(ratio=s["ratio"], score=s["score"], generator=generator),
         bootstrap=bootstrap,
     )
+
+
+def reptile_step(model: nn.Module, x: Tensor, y: Tensor, cfg: ncp.MetaConfig) -> Tensor:
+    """Reptile (Nichol et al., 2018; the paper's Table 8): adapt every task for
+    ``cfg.inner_steps`` full-context SGD steps without a graph, then set each parameter's
+    gradient to ``theta_0 - mean over tasks of theta_K`` for the outer optimizer. Returns the
+    tasks' losses at ``theta_K``, ``(tasks,)``."""
+    with torch.no_grad():
+        adapted = ncp.adapt(model, x, y, cfg)
+        losses = cfg.loss_fn(ncp.forward(model, adapted.params, x), y).mean(1)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = p.detach() - adapted.params[name].mean(0)
+    return losses
 
 
 def make_learned_lr(
@@ -258,6 +273,24 @@ def test_psnr(
             pred = ncp.forward(model, params, x).clamp(low, low + signals.data_range)
         values.append(psnr(pred, y, signals.data_range))
     return torch.cat(values).mean().item()
+
+
+def outer_gradient(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: ncp.MetaConfig,
+    method: str,
+    rates: ncp.LearnedLR | None,
+) -> Tuple[Tensor, Tensor]:
+    """Put one outer step's gradient in ``.grad`` (``meta_step`` and ``backward``; for Reptile
+    :func:`reptile_step`) and return the outer loss and the per-task query losses, detached."""
+    if method == "reptile":
+        query = reptile_step(model, x, y, cfg)
+        return query.mean(), query
+    out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
+    out.loss.backward()
+    return out.loss.detach(), out.query_loss.detach()
 
 
 def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[str, Any]:
@@ -338,22 +371,20 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         opt.zero_grad(set_to_none=True)
         if step == 0:
             with ncp.MemoryMeter(device if device.type == "cuda" else None) as meter:
-                out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
-                out.loss.backward()
+                loss, query = outer_gradient(model, x, y, cfg, s["method"], rates)
             rec = {"step": 0, "event": "memory", "peak_saved_bytes": meter.peak_saved_bytes}
             if meter.peak_cuda_bytes is not None:  # the allocator's peak, on a GPU
                 rec["peak_cuda_bytes"] = meter.peak_cuda_bytes
             log.write(rec)
         else:
-            out = ncp.meta_step(model, (x, y), cfg, learned_lr=rates)
-            out.loss.backward()
+            loss, query = outer_gradient(model, x, y, cfg, s["method"], rates)
         nn.utils.clip_grad_norm_(meta_params, s["clip"])
         opt.step()
         step += 1
         bar.update(1)
         if step % s["log_every"] == 0 or step == end:
-            q = out.query_loss.mean().item()
-            rec = {"step": step, "loss": out.loss.item(), "query_loss": q}
+            q = query.mean().item()
+            rec = {"step": step, "loss": loss.item(), "query_loss": q}
             rec["seconds"] = time.perf_counter() - start
             rec["train_seconds"] = trained_before + rec["seconds"] - excluded
             log.write(rec)
@@ -474,6 +505,11 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--ratio must be in (0, 1], got {s['ratio']}")
     if s["bootstrap_steps"] < 0:
         parser.error(f"--bootstrap-steps must be >= 0, got {s['bootstrap_steps']}")
+    if s["method"] == "reptile" and s["learned_lr"] != "none":
+        parser.error(
+            f"--method reptile takes no --learned-lr (got {s['learned_lr']}): its outer "
+            "gradient theta_0 - theta_K does not reach the inner rates"
+        )
     return resolve(s)
 
 
