@@ -155,6 +155,8 @@ def environment(device: str | torch.device = "cpu") -> Dict[str, Any]:
         "mem_total_bytes": meminfo_bytes("MemTotal"),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        # allocator settings change peak RSS and time (docs/benchmarks.md, "2048x2048")
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
 
@@ -171,7 +173,8 @@ def header(title: str, env: Mapping[str, Any], load_end: float | None = None) ->
             f"torch {env['torch']}, python {env['python']}, device {env['device']} "
             f"({env['device_name']}), threads {env['threads']}, {env['cpu_count']} cores, "
             f"{'-' if mem is None else f'{mem / GB:.1f} GB'} RAM",
-            f"{env['date']}; 1-min load average {load_text}",
+            f"{env['date']}; 1-min load average {load_text}"
+            + (f"; {env['malloc_env']}" if env.get("malloc_env") else ""),
         ]
     )
 
