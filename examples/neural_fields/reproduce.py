@@ -559,54 +559,40 @@ def report(out: str, preset: str = "cpu") -> str:
             f"| {cell(values(out, name, v + ' +rescale'))} "
             f"| {cell(values(out, name, v + ' pruned'))} | {cell(values(out, name, v, step=64))} |"
         )
-    lines += ["", "### Bootstrap target context (Table 9, Text, K=16, ratio 0.25)", ""]
-    lines += [
-        "| context | seeds | PSNR@16 | PSNR@16 +rescale | PSNR@16 pruned |",
-        "|---|---|---|---|---|",
-    ]
-    for ctx, name in (
-        ("full", "text_gradncp"),
-        ("pruned", "text_bootctx_pruned"),
-        ("random", "text_bootctx_random"),
-        ("none (L=0)", "text_L0"),
-    ):
-        lines.append(
-            f"| {ctx} | {_seeds(out, name)} | {cell(values(out, name, BASE))} "
-            f"| {cell(values(out, name, BASE + ' +rescale'))} "
-            f"| {cell(values(out, name, BASE + ' pruned'))} |"
-        )
-    lines += ["", "### First-order baselines at 8x the horizon (Table 8, Text)", ""]
-    lines += [
-        "| run | seeds | saved MB | PSNR@16 | PSNR@16 +rescale | PSNR@64 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in ("text_gradncp", "text_fomaml_K128", "text_reptile_K128"):
-        lines.append(
-            f"| {name} | {_seeds(out, name)} | {_mb(out, name)} | {cell(values(out, name, BASE))} "
-            f"| {cell(values(out, name, BASE + ' +rescale'))} "
-            f"| {cell(values(out, name, BASE, step=64))} |"
-        )
-    lines += ["", "### Fourier-feature network (Table 7b): score ablation, Text", ""]
-    lines += ["| run | seeds | PSNR@16 | PSNR@16 +rescale |", "|---|---|---|---|"]
-    for name in ("text_ffn_maml", *(f"text_ffn_score_{s}" for s in _train.SCORES)):
-        lines.append(
-            f"| {name} | {_seeds(out, name)} | {cell(values(out, name, BASE))} "
-            f"| {cell(values(out, name, BASE + ' +rescale'))} |"
-        )
-    lines += ["", "### NeRV on video (Table 2): whole frames as points, K_test=16, lr 0.1", ""]
-    lines += [
-        "| method | seeds | saved MB | PSNR@16 | SSIM@16 | PSNR@16 +rescale | PSNR@16 pruned |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in ("maml", "gradncp"):
-        name, v = f"video_nerv_{m}", "lr=0.1"
-        ssim = values(out, name, v, key="ssim")
-        lines.append(
-            f"| {m} | {_seeds(out, name)} | {_mb(out, name)} | {cell(values(out, name, v))} "
-            f"| {cell(ssim, 3) if ssim else 'not run'} "
-            f"| {cell(values(out, name, v + ' +rescale'))} "
-            f"| {cell(values(out, name, v + ' pruned'))} |"
-        )
+    lines += _table(
+        out,
+        "Bootstrap target context (Table 9, Text, K=16, ratio 0.25)",
+        "context",
+        [
+            ("full", "text_gradncp"),
+            ("pruned", "text_bootctx_pruned"),
+            ("random", "text_bootctx_random"),
+            ("none (L=0)", "text_L0"),
+        ],
+    )
+    lines += _table(
+        out,
+        "First-order baselines at 8x the horizon (Table 8, Text)",
+        "run",
+        [(n, n) for n in ("text_gradncp", "text_fomaml_K128", "text_reptile_K128")],
+        modes=("", " +rescale"),
+        at64=True,
+    )
+    lines += _table(
+        out,
+        "Fourier-feature network (Table 7b): score ablation, Text",
+        "run",
+        [(n, n) for n in ("text_ffn_maml", *(f"text_ffn_score_{s}" for s in _train.SCORES))],
+        modes=("", " +rescale"),
+    )
+    lines += _table(
+        out,
+        "NeRV on video (Table 2): whole frames as points, K_test=16, lr 0.1",
+        "method",
+        [(m, f"video_nerv_{m}") for m in ("maml", "gradncp")],
+        variant="lr=0.1",
+        ssim=True,
+    )
     lines += ["", "### Climate: what makes GradNCP train on the sphere, K_test=16", ""]
     lines += [
         "| run | method | change | seeds | fell | PSNR@16 | per seed | PSNR@16 +rescale "
@@ -674,6 +660,35 @@ def fell(out: str, name: str, drop: float = 3.0) -> str:
                 ev = [r["psnr"] for r in map(json.loads, filter(str.strip, f)) if "psnr" in r]
             n += bool(ev) and max(ev) - ev[-1] >= drop
     return f"{n} of {len(runs)}" if runs else "-"
+
+
+def _table(
+    out: str,
+    title: str,
+    first: str,
+    rows: Sequence[Tuple[str, str]],
+    *,
+    variant: str = BASE,
+    modes: Sequence[str] = ("", " +rescale", " pruned"),
+    ssim: bool = False,
+    at64: bool = False,
+) -> List[str]:
+    """A report section: one row per ``(label, run name)`` with its seeds, saved MB and PSNR@16
+    of ``variant`` in each of ``modes`` (mean ± 95 % CI over seeds), SSIM@16 and PSNR@64 when
+    asked."""
+    head = [first, "seeds", "saved MB", "PSNR@16"] + (["SSIM@16"] if ssim else [])
+    head += [f"PSNR@16{m}" for m in modes if m] + (["PSNR@64"] if at64 else [])
+    lines = ["", f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label, name in rows:
+        cells = [label, _seeds(out, name), _mb(out, name), cell(values(out, name, variant))]
+        if ssim:
+            xs = values(out, name, variant, key="ssim")
+            cells.append(cell(xs, 3))
+        cells += [cell(values(out, name, variant + m)) for m in modes if m]
+        if at64:
+            cells.append(cell(values(out, name, variant, step=64)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def gpu_table(out: str) -> str:
