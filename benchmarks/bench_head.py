@@ -7,8 +7,9 @@ over per-point views of the head's parameters. Both are timed here, in one proce
 
 * SIREN 5x256 on a 64x64 RGB image, 4 tasks: the closed form, and ``strategy="exact"``
   forced on the same linear head;
-* NeRV (16x16 frames, 2 blocks of 16 channels; frames are the points) on 4 clips of
-  ``--frames`` frames: its convolutional head, scored exactly.
+* a NeRV-shaped frame decoder (``tests/_models.FrameDecoder``: 16x16 frames, two upsampling
+  convolutions of 16 channels; frames are the points) on 4 clips of ``--frames`` frames: its
+  convolutional head, scored exactly.
 
 Run ``python benchmarks/bench_head.py --help`` for the flags (under a minute).
 """
@@ -29,11 +30,9 @@ from torch import nn
 import ncp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import Siren, environment, header, image_batch
 
-from examples.neural_fields.models import NeRV
-from examples.neural_fields.signals import frame_context
+from tests._models import FrameDecoder
 
 
 def _median_s(fn: Callable[[], Any], repeats: int) -> float:
@@ -62,10 +61,10 @@ def run(frames: int, repeats: int, threads: int, seed: int) -> Dict[str, Any]:
     torch.manual_seed(seed)
     siren = _case(Siren(), *image_batch(64, 4, seed=seed), repeats)
     torch.manual_seed(seed)
-    nerv = NeRV(resolution=16, blocks=2, channels=16, hidden=16)
+    nerv = FrameDecoder(side=16, channels=16)
     g = torch.Generator().manual_seed(seed)
-    clips = torch.rand(4, frames, 16, 16, 3, generator=g)
-    nerv_res = _case(nerv, *frame_context(clips), repeats)
+    times = torch.linspace(-1, 1, frames).view(1, frames, 1).expand(4, frames, 1)
+    nerv_res = _case(nerv, times, torch.rand(4, frames, 16, 16, 3, generator=g), repeats)
     return {"siren": siren, "nerv": nerv_res, "env": environment("cpu"), "frames": frames}
 
 
@@ -78,7 +77,7 @@ def report(res: Dict[str, Any]) -> str:
         f"{closed * 1e3:.1f} ms ({closed / s['forward_s']:.2f}x the forward); exact "
         f"{s['exact_s'] * 1e3:.1f} ms ({s['exact_s'] / s['forward_s']:.2f}x the forward, "
         f"{s['exact_s'] / closed:.2f}x the closed form)",
-        f"NeRV, 4 x {res['frames']} frames of 16x16: forward {n['forward_s'] * 1e3:.1f} ms; "
+        f"NeRV-shaped decoder, 4 x {res['frames']} frames of 16x16: forward {n['forward_s'] * 1e3:.1f} ms; "
         f"exact (conv head) {n['exact_s'] * 1e3:.1f} ms ({n['exact_s'] / n['forward_s']:.2f}x "
         "the forward)",
     ]

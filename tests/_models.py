@@ -124,3 +124,29 @@ def siren(
         if i < layers - 1:
             modules.append(_Sine(w0))
     return nn.Sequential(*modules)
+
+
+class FrameDecoder(nn.Module):
+    """A NeRV-shaped model: one frame per input time ``(points, 1)`` -> ``(points, H, W, 3)``
+    through an MLP and convolutions with a convolutional head (for tests and benchmarks that
+    must not depend on ``examples/``)."""
+
+    def __init__(self, side: int = 16, channels: int = 16) -> None:
+        super().__init__()
+        self.base, self.channels = side // 4, channels
+        self.mlp = nn.Sequential(
+            nn.Linear(1, 32), nn.GELU(), nn.Linear(32, channels * (side // 4) ** 2)
+        )
+        self.up = nn.Sequential(
+            nn.Conv2d(channels, 4 * channels, 3, padding=1),
+            nn.PixelShuffle(2),
+            nn.GELU(),
+            nn.Conv2d(channels, 4 * channels, 3, padding=1),
+            nn.PixelShuffle(2),
+            nn.GELU(),
+        )
+        self.head = nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        maps = self.mlp(t).view(-1, self.channels, self.base, self.base)
+        return self.head(self.up(maps)).permute(0, 2, 3, 1)
