@@ -26,6 +26,7 @@ from ._planning import plan_memory as plan_memory
 from ._pruning import ContextPruner as ContextPruner
 from ._pruning import Pruned as Pruned
 from ._pruning import Selector as Selector
+from ._pruning import SmallContextWarning as SmallContextWarning
 from ._rescaling import GradRescaler as GradRescaler
 
 try:
@@ -45,6 +46,7 @@ __all__ = [
     "MetaStepResult",
     "Pruned",
     "Selector",
+    "SmallContextWarning",
     "adapt",
     "diagnostics",
     "forward",

@@ -109,6 +109,15 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.index == b.index
 
 
+SMALL_CONTEXT = 64
+"""Contexts with fewer points per task than this get a :class:`SmallContextWarning`."""
+
+
+class SmallContextWarning(UserWarning):
+    """Pruning a context of fewer than :data:`SMALL_CONTEXT` points per task: it saves little
+    memory and each step still scores every point. Shown once per process."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ContextPruner:
     """Keeps the ``ratio`` fraction of context points with the highest score (paper Sec. 2.2).
@@ -289,6 +298,17 @@ class ContextPruner:
         self._check_generator(x)
         if self.balance_classes is not None:
             self._check_labels(y, k, self.balance_classes)
+        if x.shape[1] < SMALL_CONTEXT:
+            warnings.warn(
+                f"ContextPruner keeps {k} of {x.shape[1]} context points per task. A context "
+                f"this small (under {SMALL_CONTEXT} points) leaves little to prune: the memory "
+                "saved is small, each inner step still scores every point, and the few kept "
+                "points carry less of the task (docs/concepts.md, 'How many points are kept'). "
+                "Plain MAML (MetaConfig(pruner=None)) or a larger ratio may serve better. "
+                "Silence with warnings.filterwarnings('ignore', category=ncp.SmallContextWarning).",
+                SmallContextWarning,
+                stacklevel=3,
+            )
         with _autocast(x.device, self.score_dtype):
             how = plan(
                 model,

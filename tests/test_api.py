@@ -4,6 +4,7 @@ loss in the config, and the messages of a new user's wrong turns."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -305,3 +306,13 @@ def test_auto_strategy_on_cpu_vectorises_small_contexts_and_loops_over_large_one
         model, *data(tasks=25, points=100), vmap_tasks=False
     )
     assert no_vmap.strategy == "loop"
+
+
+def test_pruning_a_small_context_warns_once_with_the_alternative():
+    model, (x, y) = model64(), data(tasks=2, points=24)
+    with pytest.warns(ncp.SmallContextWarning, match=r"keeps 6 of 24 context points.*pruner=None"):
+        ncp.ContextPruner(ratio=0.25).prepare(model, x, y)
+    big = torch.zeros(2, 64, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ncp.SmallContextWarning)
+        ncp.ContextPruner(ratio=0.25).prepare(model, big, big[..., :1])  # 64 points: no warning
