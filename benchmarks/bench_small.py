@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -78,10 +79,10 @@ def episode(tasks: int, ways: int, shots: int, queries: int, seed: int) -> Tuple
     )
 
 
-def variants(loss_fn: Callable[..., Tensor]) -> Dict[str, ncp.MetaConfig]:
+def variants(loss_fn: Callable[..., Tensor], strategy: str = "auto") -> Dict[str, ncp.MetaConfig]:
     gradncp = ncp.MetaConfig(
         inner_steps=K,
-        pruner=ncp.ContextPruner(ratio=RATIO),
+        pruner=ncp.ContextPruner(ratio=RATIO, strategy=strategy),  # type: ignore[arg-type]
         bootstrap=ncp.BootstrapMetaLoss(steps=L),
         loss_fn=loss_fn,
     )
@@ -140,18 +141,23 @@ def measure(
     }
 
 
-def run(points: List[int], conv: bool, repeats: int, seed: int) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"sinusoid": {}, "env": environment("cpu")}
+def run(
+    points: List[int], conv: bool, repeats: int, seed: int, strategy: str = "auto"
+) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"sinusoid": {}, "env": environment("cpu"), "strategy": strategy}
     torch.manual_seed(seed)
     model = sinusoid_model()
-    cfgs = variants(ncp.losses.mse)
+    cfgs = variants(ncp.losses.mse, strategy)
     for n in points:
         out["sinusoid"][str(n)] = measure(model, sinusoid_batch(25, n, seed), cfgs, repeats)
         print(f"  sinusoid {n} points: done", file=sys.stderr, flush=True)
     if conv:
         torch.manual_seed(seed)
         out["conv4 5w100s"] = measure(
-            conv4(), episode(2, 5, 100, 15, seed), variants(ncp.losses.cross_entropy), repeats
+            conv4(),
+            episode(2, 5, 100, 15, seed),
+            variants(ncp.losses.cross_entropy, strategy),
+            repeats,
         )
     out["load_average_1min_end"] = environment("cpu")["load_average_1min"]
     return out
@@ -161,7 +167,7 @@ def report(res: Dict[str, Any]) -> str:
     lines = [
         header(
             "ncp small-context benchmark: seconds per outer step (meta_step + backward), "
-            "median; ratio to MAML K=16",
+            f"median; ratio to MAML K=16; scoring strategy {res['strategy']!r}",
             res["env"],
             res["load_average_1min_end"],
         )
@@ -185,12 +191,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--no-conv", dest="conv", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        choices=("auto", "loop", "vmap"),
+        default="auto",
+        help="ContextPruner.strategy ('loop' was the CPU default before ncp 0.3)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if min(args.points) < 4 or args.repeats < 1 or args.threads < 1:
         parser.error("--points >= 4, --repeats >= 1, --threads >= 1")
     torch.set_num_threads(args.threads)
-    res = run(args.points, args.conv, args.repeats, args.seed)
+    warnings.filterwarnings("ignore", category=ncp.SmallContextWarning)  # 10 points on purpose
+    res = run(args.points, args.conv, args.repeats, args.seed, args.strategy)
     print(report(res))
     if args.json is not None:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

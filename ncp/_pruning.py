@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
+from types import FrameType
 from typing import ContextManager, Mapping, NamedTuple
 
 import torch
@@ -111,6 +114,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 SMALL_CONTEXT = 64
 """Contexts with fewer points per task than this get a :class:`SmallContextWarning`."""
+
+
+def _caller_outside_ncp() -> int:
+    """The ``stacklevel`` that points a warning raised in the calling ncp function at the first
+    frame outside the ncp package (the user's call, however deep inside ncp it started)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class SmallContextWarning(UserWarning):
@@ -307,7 +321,7 @@ class ContextPruner:
                 "Plain MAML (MetaConfig(pruner=None)) or a larger ratio may serve better. "
                 "Silence with warnings.filterwarnings('ignore', category=ncp.SmallContextWarning).",
                 SmallContextWarning,
-                stacklevel=3,
+                stacklevel=_caller_outside_ncp(),
             )
         with _autocast(x.device, self.score_dtype):
             how = plan(

@@ -312,6 +312,9 @@ def test_pruning_a_small_context_warns_once_with_the_alternative():
     model, (x, y) = model64(), data(tasks=2, points=24)
     with pytest.warns(ncp.SmallContextWarning, match=r"keeps 6 of 24 context points.*pruner=None"):
         ncp.ContextPruner(ratio=0.25).prepare(model, x, y)
+    with pytest.warns(ncp.SmallContextWarning) as record:  # pointed at the caller's line
+        ncp.meta_step(model, (x, y), ncp.MetaConfig(inner_steps=1, bootstrap=None))
+    assert record[0].filename == __file__
     big = torch.zeros(2, 64, 2, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ncp.SmallContextWarning)

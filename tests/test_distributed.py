@@ -144,6 +144,7 @@ def _run_page_loop(rank: int, port: int) -> Dict[str, torch.Tensor]:
 def _worker(rank: int, store: str, out_dir: str, port: int) -> None:
     """One rank: its half of the tasks, a DDP-wrapped model, results saved for the parent."""
     warnings.simplefilter("error")  # as in the test suite: any warning fails the run
+    warnings.filterwarnings("ignore", category=ncp.SmallContextWarning)  # as pyproject.toml
     torch.set_num_threads(1)
     page_params = _run_page_loop(rank, port)
     dist.init_process_group(
