@@ -130,3 +130,16 @@ def rescaled_step(full_grads, pruned_grads):
     full = torch.sqrt(sum(g.pow(2).sum() for g in full_grads))
     pruned = torch.sqrt(sum(g.pow(2).sum() for g in pruned_grads))
     return [g * (pruned / full) for g in full_grads]
+
+
+def meta_step_of(model, x, y, cfg, head_names=()):
+    """:func:`meta_step` with the settings of an ``ncp.MetaConfig`` (the query set is the
+    context), so that a test states the configuration once."""
+    kw = dict(loss_fn=cfg.loss_fn, steps=cfg.inner_steps, lr=cfg.inner_lr)
+    kw["first_order"] = cfg.first_order
+    if cfg.pruner is not None:
+        kw.update(ratio=cfg.pruner.ratio, head_names=head_names)
+    if cfg.bootstrap is not None:
+        b = cfg.bootstrap
+        kw.update(boot_steps=b.steps, boot_lr=b.lr, weight=b.weight)
+    return meta_step(model, x, y, x, y, **kw)

@@ -55,21 +55,7 @@ def test_meta_gradient_with_pruned_frames_equals_the_reference_unroll():
         bootstrap=ncp.BootstrapMetaLoss(steps=1, lr=0.1, weight=2.0),
     )
     out = ncp.meta_step(model, (x, y), cfg)
-    ref = _reference.meta_step(
-        model,
-        x,
-        y,
-        x,
-        y,
-        loss_fn=ncp.losses.mse,
-        steps=2,
-        lr=0.1,
-        ratio=0.4,
-        head_names=HEAD,
-        boot_steps=1,
-        boot_lr=0.1,
-        weight=2.0,
-    )
+    ref = _reference.meta_step_of(model, x, y, cfg, HEAD)
     assert out.kept_indices.shape == (2, 2, 2)
     assert_close(out.loss, ref["loss"], **F64)
     params = [p for p in model.parameters() if p.requires_grad]
