@@ -180,6 +180,31 @@ def _step_lr(
     return rates if wrap is None else {n: wrap(r) for n, r in rates.items()}
 
 
+def _inner_step(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    lr: LR,
+    cfg: MetaConfig,
+    names: Sequence[str],
+) -> Tuple[Params, Tensor]:
+    """One inner SGD step of every task on ``(x, y)``: the new parameters (differentiable
+    unless ``cfg.first_order``) and the ``(tasks,)`` losses before the step."""
+    grads, loss = task_gradients(
+        model,
+        detached_leaves(params) if cfg.first_order else params,
+        x,
+        y,
+        loss_fn,
+        create_graph=not cfg.first_order,
+        vmap_tasks=cfg.vmap_tasks,
+        names=names,
+    )
+    return sgd_update(params, grads, lr), loss
+
+
 def _recomputed_step(
     model: nn.Module,
     params: Params,
@@ -190,24 +215,15 @@ def _recomputed_step(
     cfg: MetaConfig,
     names: Sequence[str],
 ) -> Tuple[Params, Tensor]:
-    """One second-order inner step under activation checkpointing: only its inputs are saved
-    for ``backward``, which recomputes the step's forward pass and gradient graph (exactly:
-    the same operations on the same inputs) when it reaches it."""
+    """:func:`_inner_step` under activation checkpointing: only its inputs are saved for
+    ``backward``, which recomputes the step's forward pass and gradient graph (exactly: the
+    same operations on the same inputs) when it reaches it."""
     keys = list(params)
 
     def step(xs: Tensor, ys: Tensor, *values: Tensor) -> Tuple[Tensor, ...]:
-        current = dict(zip(keys, values, strict=True))
-        grads, loss = task_gradients(
-            model,
-            current,
-            xs,
-            ys,
-            loss_fn,
-            create_graph=True,
-            vmap_tasks=cfg.vmap_tasks,
-            names=names,
+        new, loss = _inner_step(
+            model, dict(zip(keys, values, strict=True)), xs, ys, loss_fn, lr, cfg, names
         )
-        new = sgd_update(current, grads, lr)
         return (*(new[k] for k in keys), loss)
 
     out = checkpoint(step, x, y, *params.values(), use_reentrant=False)
@@ -289,20 +305,8 @@ def meta_step(
             x_k, y_k, idx = select(params, cx, cy)
             kept.append(idx)
         lr = _step_lr(cfg.inner_lr, learned_lr, step, names, wrap)
-        if cfg.recompute_steps:
-            params, step_loss = _recomputed_step(model, params, x_k, y_k, loss_fn, lr, cfg, names)
-        else:
-            grads, step_loss = task_gradients(
-                model,
-                detached_leaves(params) if cfg.first_order else params,
-                x_k,
-                y_k,
-                loss_fn,
-                create_graph=not cfg.first_order,
-                vmap_tasks=cfg.vmap_tasks,
-                names=names,
-            )
-            params = sgd_update(params, grads, lr)
+        take_step = _recomputed_step if cfg.recompute_steps else _inner_step
+        params, step_loss = take_step(model, params, x_k, y_k, loss_fn, lr, cfg, names)
         inner.append(step_loss.detach())
     inner_losses = torch.stack(inner)
     check_finite(inner_losses, "inner")

@@ -129,7 +129,8 @@ def _caller_outside_ncp() -> int:
 
 class SmallContextWarning(UserWarning):
     """Pruning a context of fewer than :data:`SMALL_CONTEXT` points per task: it saves little
-    memory and each step still scores every point. Shown once per process."""
+    memory and each step still scores every point. Shown once per calling line and context
+    size (Python's default warning filter)."""
 
 
 @dataclass(frozen=True, kw_only=True)
