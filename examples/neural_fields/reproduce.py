@@ -535,30 +535,19 @@ def report(out: str, preset: str = "cpu") -> str:
         ),
     )
     for title, col, pattern, settings in sections:
-        lines += ["", f"### {title}", ""]
-        lines += [f"| {col} | seeds | saved MB | PSNR@16 | PSNR@16 +rescale | PSNR@16 pruned |"]
-        lines += ["|---|---|---|---|---|---|"]
+        rows = []
         for value in settings:
             name = pattern.format(f"{value:g}" if isinstance(value, float) else value)
-            if value in (0.25, 5, "gradncp"):
-                name = "text_gradncp"
-            lines.append(
-                f"| {value} | {_seeds(out, name)} | {_mb(out, name)} "
-                f"| {cell(values(out, name, BASE))} | {cell(values(out, name, BASE + ' +rescale'))} "
-                f"| {cell(values(out, name, BASE + ' pruned'))} |"
-            )
-    lines += ["", "### Meta-SGD: learned per-entry inner rates (Text), K_test=16", ""]
-    lines += [
-        "| method | seeds | saved MB | PSNR@16 | PSNR@16 +rescale | PSNR@16 pruned | PSNR@64 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in ("maml", "gradncp"):
-        name, v = f"text_{m}_metasgd", "learned lr"
-        lines.append(
-            f"| {m} | {_seeds(out, name)} | {_mb(out, name)} | {cell(values(out, name, v))} "
-            f"| {cell(values(out, name, v + ' +rescale'))} "
-            f"| {cell(values(out, name, v + ' pruned'))} | {cell(values(out, name, v, step=64))} |"
-        )
+            rows.append((str(value), "text_gradncp" if value in (0.25, 5, "gradncp") else name))
+        lines += _table(out, title, col, rows)
+    lines += _table(
+        out,
+        "Meta-SGD: learned per-entry inner rates (Text), K_test=16",
+        "method",
+        [(m, f"text_{m}_metasgd") for m in ("maml", "gradncp")],
+        variant="learned lr",
+        at64=True,
+    )
     lines += _table(
         out,
         "Bootstrap target context (Table 9, Text, K=16, ratio 0.25)",
