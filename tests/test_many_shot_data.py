@@ -13,14 +13,7 @@ from PIL import Image
 from examples.many_shot import data
 from examples.many_shot.episodes import EpisodeSampler, shuffle_support
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models only thrash on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_mini_imagenet(root: Path, size: int = 16, per_class: int = 3) -> dict:

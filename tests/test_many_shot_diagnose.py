@@ -13,13 +13,7 @@ from examples.many_shot.train import train
 from tests.test_many_shot_data import write_fashion
 from tests.test_many_shot_train import tiny
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stat_gap_by_hand():

@@ -28,14 +28,7 @@ from examples.many_shot.train import (
 )
 from tests.test_many_shot_data import write_fashion, write_mini_imagenet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models only thrash on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, **kw) -> RunConfig:
