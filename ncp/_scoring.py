@@ -44,9 +44,16 @@ def linear_head_score(
 ) -> Tensor:
     """Closed-form last-layer gradient norm for a linear head (paper Eq. 2).
 
+    A head applied to several feature vectors per point (``phi`` ``(points, ..., features)``,
+    such as the samples along a NeRF ray) has the per-point gradient
+    ``sum_i dl/dz_i phi_i^T`` for ``W`` and ``sum_i dl/dz_i`` for ``b``, no longer rank one: its
+    norm is computed from that ``(points, outputs, features)`` sum, still without a per-point
+    copy of the parameters.
+
     Args:
-        phi: head inputs, ``(points, features)``.
-        dl_dz: gradient of each point's loss w.r.t. the head output, ``(points, outputs)``.
+        phi: head inputs, ``(points, features)`` or ``(points, ..., features)``.
+        dl_dz: gradient of each point's loss w.r.t. the head output, ``(points, outputs)``, or
+            ``(points, ..., outputs)`` matching ``phi``.
         weight: include the weight's gradient ``dl/dz phi^T``.
         bias: include the bias's gradient ``dl/dz``.
 
@@ -54,6 +61,14 @@ def linear_head_score(
         ``(points,)`` scores, in at least float32.
     """
     dtype = torch.promote_types(phi.dtype, torch.float32)
+    if phi.dim() > 2:
+        phi_i, dz_i = phi.flatten(1, -2).to(dtype), dl_dz.flatten(1, -2).to(dtype)
+        sq = torch.zeros(phi.shape[0], device=phi.device, dtype=dtype)
+        if weight:
+            sq = sq + torch.einsum("pik,pif->pkf", dz_i, phi_i).square().sum((1, 2))
+        if bias:
+            sq = sq + dz_i.sum(1).square().sum(1)
+        return sq.sqrt()
     # vector_norm reduces in one pass: no (points, features) temporary such as phi**2, so the
     # memory of the closed form does not grow with the feature width.
     g = torch.linalg.vector_norm(dl_dz, dim=-1, dtype=dtype)
@@ -269,7 +284,7 @@ class ScorePlan:
 
     ``method`` is ``"random"``, ``"loss"``, or for the GradNCP score ``"loop"`` (closed form of
     Eq. 2, task by task), ``"vmap"`` (the closed form for all tasks in one vectorised pass) or
-    ``"exact"`` (the per-point gradient of a head that is not a linear map of 2-D features).
+    ``"exact"`` (the per-point gradient of a head that is not linear).
     """
 
     score: str
@@ -408,8 +423,8 @@ def plan(
     CPU work loops over tasks (plain matrix products, measured faster there,
     docs/benchmarks.md); ``"vmap"`` vectorises on any device; ``"loop"`` never does;
     ``"exact"`` differentiates the head per point even when it is linear. A model the
-    vectorised pass does not handle (a head applied to 3-D features, say) is found here, once,
-    and scored task by task.
+    vectorised pass does not handle (a linear head applied to several feature vectors per
+    point, say) is found here, once, and scored task by task with the closed form.
     """
     if score == "random":
         return ScorePlan(score, "random")
@@ -440,7 +455,7 @@ def plan(
                 "score='gradncp' for this model."
             )
         return ScorePlan(score, score, head, weight, bias, lr=gain_lr)
-    closed_form = isinstance(module, nn.Linear) and phi.dim() == 2 and strategy != "exact"
+    closed_form = isinstance(module, nn.Linear) and strategy != "exact"
     if not closed_form:
         return ScorePlan(score, "exact", head, weight, bias)
     vectorise = strategy == "vmap" or (

@@ -56,25 +56,42 @@ def test_vectorised_scores_follow_per_task_params():
 
 
 class PointsOfPatches(nn.Module):
-    """A linear head applied to 3-D features: the vectorised path hands over to the loop."""
+    """A linear head applied to several feature vectors per point (as along a NeRF ray): the
+    vectorised path hands over to the loop, which sums their outer products."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias: bool = True) -> None:
         super().__init__()
-        self.body = nn.Linear(2, 8)
-        self.head = nn.Linear(4, 3)
+        self.body = nn.Linear(2, 12)
+        self.head = nn.Linear(4, 3, bias=bias)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.body(x)).view(x.shape[0], 2, 4)).mean(1)
+        z = self.head(torch.tanh(self.body(x)).view(x.shape[0], 3, 4))
+        return torch.sigmoid(z).mean(1)
 
 
-def test_irregular_head_input_falls_back_to_the_exact_loop():
+def test_irregular_head_input_falls_back_to_the_loop():
     torch.manual_seed(0)
     model = PointsOfPatches().double()
     x, y = torch.randn(2, 5, 2, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
     select = ncp.ContextPruner(strategy="vmap").prepare(model, x, y)
-    assert select.strategy == "exact"  # decided once, when prepared
+    assert select.strategy == "loop"  # decided once, when prepared
     got = vectorised(model, x, y, ncp.losses.mse, "head")
     assert_close(got, exact(model, x, y, ncp.losses.mse, ["head.weight", "head.bias"]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strategy", ["auto", "exact"])
+def test_linear_head_over_several_vectors_per_point_equals_exact_autograd(bias, strategy):
+    """The summed closed form (and the exact path) against per-point autograd: the gradient of
+    one point is a sum of outer products, not rank one, so ||dl/dz|| sqrt(||phi||^2 + 1) with
+    the vectors stacked would be wrong."""
+    torch.manual_seed(1)
+    model = PointsOfPatches(bias=bias).double()
+    x, y = torch.randn(3, 9, 2, dtype=torch.float64), torch.rand(3, 9, 3, dtype=torch.float64)
+    names = ["head.weight", "head.bias"] if bias else ["head.weight"]
+    params = init_params(model, 3, detach=True)
+    got = score_points(model, params, x, y, loss_fn=ncp.losses.mse, strategy=strategy)
+    assert_close(got, exact(model, x, y, ncp.losses.mse, names))
 
 
 def test_vectorised_path_keeps_the_precise_errors():
