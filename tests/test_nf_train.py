@@ -4,6 +4,7 @@ exact resumption from a checkpoint."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ pytest.importorskip("matplotlib", reason="the examples need the examples extra")
 pytest.importorskip("tqdm", reason="the examples need the examples extra")
 
 import ncp
-from examples.neural_fields import evaluate, figures, reproduce, train
+from examples.neural_fields import datasets, evaluate, figures, reproduce, train
 from examples.neural_fields.metrics import psnr
 
 
@@ -518,3 +519,56 @@ def test_reptile_gradient_is_theta0_minus_the_mean_adapted_parameters(tmp_path):
     assert done["step"] == 2 and any("loss" in r for r in train.read_log(out))
     with pytest.raises(SystemExit):
         train.main([*flags, "--learned-lr", "step", "--out", str(tmp_path / "x")])
+
+
+def test_images_become_one_frame_clips_for_a_video_model():
+    images = torch.rand(2, 4, 5, 3)
+    signal_set = datasets.SignalSet("img", "image", lambda i: images, 2, images)
+    plain_x, plain_y = signal_set.context(images)
+    clip = dataclasses.replace(signal_set, frame_time=0.0)
+    x, y = clip.context(images)
+    assert clip.in_features == 3 and x.shape == (2, 20, 3)
+    assert torch.equal(x[..., 0], torch.zeros(2, 20)) and torch.equal(x[..., 1:], plain_x)
+    assert torch.equal(y, plain_y)
+
+
+def test_cross_domain_adapts_a_video_run_to_images(tmp_path):
+    """Table 10: the video initialisation adapted to an image stand-in's test signals."""
+    out = tmp_path / "run"
+    argv = ["--smoke", "--data", "video_folder", "--root", str(_video_root(tmp_path))]
+    argv += ["--out", str(out), "--method", "maml", "--inner-steps", "1", "--outer-steps", "1"]
+    train.main([*argv, "--layers", "2"])
+    own = evaluate.main(
+        ["--run", str(out), "--test-steps", "1", "--horizon", "1", "--signals", "2"]
+    )
+    res = evaluate.main(
+        ["--run", str(out), "--test-steps", "1", "--horizon", "1", "--signals", "2", "--on", "text"]
+    )
+    assert res["trained_on"] == "video_folder" and res["data"].startswith("text (image")
+    assert (out / "eval_trained_on_text.json").is_file()  # the run's own result is kept
+    with open(out / "eval_trained.json") as f:
+        assert json.load(f)["variants"] == own["variants"]
+    v = res["variants"]["lr=0.01"]
+    assert math.isfinite(v["psnr"]) and v["psnr"] != own["variants"]["lr=0.01"]["psnr"]
+    with pytest.raises(ValueError, match="`on`='speech' has 1-D points"):
+        evaluate.evaluate(str(out), test_steps=1, horizon=1, signals_limit=2, on="speech")
+
+
+def test_reproduce_adds_the_cross_domain_evaluations_to_the_video_runs(tmp_path):
+    cmds = reproduce.commands("video_gradncp", str(tmp_path), seed=1)
+    targets = [c[c.index("--on") + 1] for c in cmds if "--on" in c]
+    assert targets == list(reproduce.CROSS_DOMAIN)
+    assert all(c[c.index("--horizon") + 1] == "16" for c in cmds if "--on" in c)
+    assert not any("--on" in c for c in reproduce.commands("text_gradncp", str(tmp_path)))
+    for name, psnrs in (("video_maml", (20.0, 21.0)), ("video_gradncp", (22.5, 22.0))):
+        for seed, value in enumerate(psnrs):
+            run = tmp_path / f"{name}_s{seed}"
+            run.mkdir()
+            with open(run / "eval_trained_on_photos.json", "w") as f:
+                json.dump({"variants": {"lr=0.01": {"psnr": value}}}, f)
+    row = next(
+        line
+        for line in reproduce.report(str(tmp_path)).splitlines()
+        if "| photos (one-frame clips) |" in line
+    )
+    assert reproduce.cell([2.5, 1.0]) in row and row.endswith("| 2 |")

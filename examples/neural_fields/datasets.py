@@ -38,6 +38,9 @@ class SignalSet:
         frame_points: for video, make each frame one context point
             (:func:`signals.frame_context`, for frame-decoding models such as NeRV) instead of
             each pixel.
+        frame_time: for images seen by a video model (cross-domain adaptation, the paper's
+            Table 10): each image is one frame at this time, so its points are ``(t, row,
+            column)`` like a video's; None (default) keeps the 2-D pixel coordinates.
     """
 
     name: str
@@ -49,11 +52,14 @@ class SignalSet:
     extra: Dict[str, Tensor] = field(default_factory=dict)
     audio_bound: float = signals.AUDIO_BOUND
     frame_points: bool = False
+    frame_time: float | None = None
 
     @property
     def in_features(self) -> int:
         if self.frame_points:
             return 1
+        if self.kind == "image" and self.frame_time is not None:
+            return 3
         return {"image": 2, "audio": 1, "video": 3, "sphere": 3}[self.kind]
 
     @property
@@ -63,7 +69,10 @@ class SignalSet:
     def context(self, batch: Tensor) -> Tuple[Tensor, Tensor]:
         """ncp's ``(x, y)`` for a batch of signals of this set (see :mod:`signals`)."""
         if self.kind == "image":
-            return signals.image_context(batch)
+            x, y = signals.image_context(batch)
+            if self.frame_time is not None:  # one frame of a video at `frame_time`
+                x = torch.cat([torch.full_like(x[..., :1], self.frame_time), x], dim=-1)
+            return x, y
         if self.kind == "audio":
             return signals.audio_context(batch, self.audio_bound)
         if self.kind == "video":

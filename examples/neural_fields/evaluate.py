@@ -11,11 +11,14 @@ Rescaling (paper Eq. 4) and pruned-context adaptation need a pruner: a GradNCP r
 own; a MAML run uses ``ContextPruner(ratio=--rescale-ratio)`` (default the data set's paper ratio;
 the control the paper lacks).
 ``--init random`` evaluates the run's initialisation before meta-training instead.
+``--on DATA`` adapts the run's initialisation to another data set's test signals (cross-domain
+adaptation, the paper's Table 10); a video run adapts to images as one-frame clips at ``t = 0``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +36,26 @@ from examples.neural_fields import datasets, train
 from examples.neural_fields.metrics import lpips, lpips_status, psnr, ssim
 
 
-def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[str, Any]:
+def cross_domain(source: datasets.SignalSet, s: Dict[str, Any], on: str) -> datasets.SignalSet:
+    """The data set ``on`` at the run's sizes, shaped for the run's model (trained on
+    ``source``): images become one-frame clips for a video model; any other mismatch of
+    input or output size is an error."""
+    target = train.load_data({**s, "data": on, "root": None, "variable": None})
+    if source.kind == "video" and not source.frame_points and target.kind == "image":
+        target = dataclasses.replace(target, frame_time=0.0)
+    if (target.in_features, target.out_features) != (source.in_features, source.out_features):
+        raise ValueError(
+            f"`on`={on!r} has {target.in_features}-D points with {target.out_features} values, "
+            f"but the run was trained on {source.name!r} ({source.in_features}-D points, "
+            f"{source.out_features} values); adapt it to a data set of the same kind (a video "
+            "run also adapts to images)."
+        )
+    return target
+
+
+def load_run(
+    run: str, *, device: str = "cpu", init: str = "trained", on: str | None = None
+) -> Dict[str, Any]:
     """Model, config, data and settings of the run folder ``run``.
 
     Args:
@@ -41,6 +63,8 @@ def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[st
         device: where to put the model.
         init: ``"trained"`` (the checkpoint) or ``"random"`` (the same seed's initialisation,
             never meta-trained).
+        on: another data set (a name of ``datasets.STANDINS``) whose test signals to adapt to
+            instead of the run's own (:func:`cross_domain`).
     """
     path = os.path.join(run, train.CHECKPOINT)
     if not os.path.isfile(path):
@@ -54,6 +78,8 @@ def load_run(run: str, *, device: str = "cpu", init: str = "trained") -> Dict[st
     model = train.make_model(s, signals).to(device)
     cfg = train.make_config(s)
     rates = train.make_learned_lr(s, model, cfg)
+    if on is not None and on != s["data"]:
+        signals = cross_domain(signals, s, on)
     if init == "trained":
         model.load_state_dict(ckpt["model"])
         if rates is not None:
@@ -159,8 +185,10 @@ def evaluate(
     signals_limit: int | None = None,
     init: str = "trained",
     device: str = "cpu",
+    on: str | None = None,
 ) -> Dict[str, Any]:
-    """The numbers of one run; also written to ``run/eval_<init>.json``.
+    """The numbers of one run; also written to ``run/eval_<init>.json``
+    (``run/eval_<init>_on_<on>.json`` for another data set).
 
     Args:
         run: a folder written by ``train``.
@@ -172,8 +200,9 @@ def evaluate(
             default the data set's paper ratio (:func:`train.paper_ratio`).
         signals_limit: evaluate on the first this many test signals (default all).
         init: ``"trained"`` or ``"random"`` (see :func:`load_run`).
+        on: adapt to this data set's test signals instead (see :func:`load_run`).
     """
-    r = load_run(run, device=device, init=init)
+    r = load_run(run, device=device, init=init, on=on)
     model, cfg, signals, s = r["model"], r["config"], r["signals"], r["settings"]
     k_test = test_steps or s["test_steps"]
     horizon = horizon or 4 * k_test
@@ -184,6 +213,7 @@ def evaluate(
     result: Dict[str, Any] = {
         "run": run,
         "init": init,
+        "trained_on": s["data"],
         "outer_steps": r["step"],
         "data": signals.describe(),
         "method": s["method"],
@@ -234,17 +264,23 @@ def evaluate(
         result["variants"][next(iter(result["variants"]))]["lpips"] = (
             lpips(pred, test.to(device)).mean().item()
         )
-    with open(os.path.join(run, f"eval_{init}.json"), "w") as f:
+    with open(os.path.join(run, result_name(init, on)), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def result_name(init: str = "trained", on: str | None = None) -> str:
+    """The file :func:`evaluate` writes in the run folder."""
+    return f"eval_{init}.json" if on is None else f"eval_{init}_on_{on}.json"
 
 
 def format_result(result: Dict[str, Any]) -> str:
     """The printed summary of :func:`evaluate`."""
     k, h = result["test_steps"], result["horizon"]
     lines = [
-        f"{result['run']} ({result['init']}, {result['outer_steps']} outer steps): "
-        f"{result['data']}, {result['method']} K={result['inner_steps']}, "
+        f"{result['run']} ({result['init']}, {result['outer_steps']} outer steps"
+        + (f" on {result['trained_on']}" if "trained_on" in result else "")
+        + f"): adapted to {result['data']}, {result['method']} K={result['inner_steps']}, "
         f"{result['test_signals']} test signals",
         f"{'variant':<26}{f'PSNR@{k}':>9}{'SSIM':>8}{f'PSNR@{h}':>10}",
     ]
@@ -270,6 +306,11 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     parser.add_argument("--signals", type=int, help="evaluate on the first N test signals")
     parser.add_argument("--init", choices=("trained", "random"), default="trained")
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
+    parser.add_argument(
+        "--on",
+        choices=datasets.STANDINS,
+        help="adapt to this stand-in's test signals instead (cross-domain, Table 10)",
+    )
     args = parser.parse_args(argv)
     for name in ("test_steps", "horizon", "signals"):
         value = getattr(args, name)
@@ -286,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         signals_limit=args.signals,
         init=args.init,
         device=args.device,
+        on=args.on,
     )
     print(format_result(result))
     return result

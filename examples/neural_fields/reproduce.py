@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Sequence, Tuple
 
 from examples import harness
+from examples.neural_fields import evaluate as _evaluate
 from examples.neural_fields import train as _train
 
 # Shared by every run: sizes a 2-core CPU trains in minutes (the paper's values in brackets).
@@ -159,7 +160,16 @@ GROUPS = (
     "firstorder",
 )
 DEFAULT_GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd")
-EVAL: Dict[str, Any] = {"signals": 32, "horizon": 64, "test_lrs": (0.02, 0.05)}
+EVAL: Dict[str, Any] = {
+    "signals": 32,
+    "horizon": 64,
+    "test_lrs": (0.02, 0.05),
+    "test_steps_only": 16,  # the horizon of the cross-domain evaluations: PSNR at K_test
+}
+# Cross-domain adaptation (Table 10: UCF-101 to CelebA, Imagenette and Kinetics): the video
+# runs' initialisations adapted to the image stand-ins, each image a one-frame clip.
+CROSS_DOMAIN_RUNS = ("video_maml", "video_gradncp")
+CROSS_DOMAIN = ("text", "photos", "deep_sky")
 
 # One size step up (--preset size64): 64x64 images and 1 s of audio with the paper's SIREN 5x256,
 # fewer outer steps. Outer lr as at 32x32 for images; speech at 2e-4 as above.
@@ -294,6 +304,9 @@ def commands(
     commands = [train, evaluate]
     if name.endswith("_maml") and preset == "cpu":  # the initialisation before meta-training
         commands.append([*evaluate, "--init", "random"])
+    if name in CROSS_DOMAIN_RUNS and preset == "cpu":  # Table 10: adapt to other data sets
+        at_k = [*evaluate[: evaluate.index("--horizon") + 1], str(ev["test_steps_only"])]
+        commands += [[*at_k, "--on", target] for target in CROSS_DOMAIN]
     return commands
 
 
@@ -311,7 +324,8 @@ def _done(cmd: List[str], run: str) -> bool:
                 for r in map(json.loads, filter(str.strip, f))
             )
     init = cmd[cmd.index("--init") + 1] if "--init" in cmd else "trained"
-    result = os.path.join(run, f"eval_{init}.json")
+    on = cmd[cmd.index("--on") + 1] if "--on" in cmd else None
+    result = os.path.join(run, _evaluate.result_name(init, on))
     return os.path.isfile(result) and os.path.getmtime(result) > os.path.getmtime(ckpt)
 
 
@@ -428,6 +442,23 @@ def mean_ci(xs: Sequence[float], level: float = 0.95) -> Tuple[float, float | No
 
     half = t.ppf(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
     return mean, float(half)
+
+
+def paired_differences(
+    out: str, name: str, baseline: str, variant: str, *, init: str = "trained"
+) -> List[float]:
+    """``name`` minus ``baseline`` at K_test for every seed both have results for."""
+
+    def by_seed(run_name: str) -> Dict[str, float]:
+        found = {}
+        for run in _seed_dirs(out, run_name):
+            res = _load(run, init)
+            if res is not None and variant in res["variants"]:
+                found[run.rsplit("_s", 1)[1]] = res["variants"][variant]["psnr"]
+        return found
+
+    a, b = by_seed(name), by_seed(baseline)
+    return [a[seed] - b[seed] for seed in sorted(a) if seed in b]
 
 
 def cell(xs: Sequence[float], digits: int = 2) -> str:
@@ -582,6 +613,20 @@ def report(out: str, preset: str = "cpu") -> str:
         variant="lr=0.1",
         ssim=True,
     )
+    lines += ["", "### Cross-domain (Table 10): video initialisations adapted to images", ""]
+    lines += [
+        "| adapted to | MAML K=4 | GradNCP K=16 | GradNCP minus MAML, paired by seed | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for target in ("video", *CROSS_DOMAIN):
+        init = "trained" if target == "video" else f"trained_on_{target}"
+        maml, ncp_ = (values(out, f"video_{m}", BASE, init=init) for m in ("maml", "gradncp"))
+        paired = paired_differences(out, "video_gradncp", "video_maml", BASE, init=init)
+        lines.append(
+            f"| {target}{' (own test clips)' if target == 'video' else ' (one-frame clips)'} "
+            f"| {cell(maml)} "
+            f"| {cell(ncp_)} | {cell(paired)} | {len(ncp_)} |"
+        )
     lines += ["", "### Climate: what makes GradNCP train on the sphere, K_test=16", ""]
     lines += [
         "| run | method | change | seeds | fell | PSNR@16 | per seed | PSNR@16 +rescale "
