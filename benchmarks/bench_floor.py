@@ -30,6 +30,11 @@ cores busy (each multiplies 512x512 matrices in a loop on one thread), as when a
 shared; the script prints each round's GradNCP/MAML ratio, and how much each method's step
 slowed down against the idle round.
 
+**Pass-count options** (``--options L1 L2 bf16``): GradNCP with fewer bootstrap steps or
+with its scoring forward pass in bfloat16, timed in the same run, each with its ratio to MAML
+and its own floor (``L`` changed in the formula; bf16 keeps the float32 floor). Their PSNR cost
+is measured by the reproduction runs (docs/benchmarks.md gives both).
+
 Run ``python benchmarks/bench_floor.py --help`` for the flags (about 2 minutes a round).
 """
 
@@ -52,17 +57,29 @@ import ncp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Siren, environment, header, image_batch, outer_step, run_isolated
 
+# Options that change GradNCP's pass count (--options): fewer bootstrap steps, or the scoring
+# forward pass in bfloat16. Each is timed like the default and gets its own floor.
+OPTIONS = {"L0": 0, "L1": 1, "L2": 2, "bf16": None}
+
 
 def _configs(k: int, ratio: float, boot: int) -> Dict[str, ncp.MetaConfig]:
-    return {
+    def gradncp(steps: int, score_dtype: torch.dtype | None = None) -> ncp.MetaConfig:
+        return ncp.MetaConfig(
+            inner_steps=k,
+            pruner=ncp.ContextPruner(ratio=ratio, score_dtype=score_dtype),
+            bootstrap=ncp.BootstrapMetaLoss(steps=steps) if steps else None,
+        )
+
+    configs = {
         "maml16": ncp.MetaConfig(inner_steps=k, pruner=None, bootstrap=None),
         "maml16_kept": ncp.MetaConfig(inner_steps=k, pruner=None, bootstrap=None),
-        "gradncp": ncp.MetaConfig(
-            inner_steps=k,
-            pruner=ncp.ContextPruner(ratio=ratio),
-            bootstrap=ncp.BootstrapMetaLoss(steps=boot),
-        ),
+        "gradncp": gradncp(boot),
     }
+    for name, steps in OPTIONS.items():
+        configs[f"gradncp_{name}"] = (
+            gradncp(boot, torch.bfloat16) if steps is None else gradncp(steps)
+        )
+    return configs
 
 
 def measure(spec: Mapping[str, Any]) -> Dict[str, Any]:
@@ -144,7 +161,7 @@ def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
     env["threads"] = args.threads
     got = {}
     with busy_processes(busy):
-        for what in ("units", "maml16", "maml16_kept", "gradncp"):
+        for what in ("units", "maml16", "maml16_kept", "gradncp", *options(args)):
             got[what] = run_isolated("bench_floor", "measure", {**base, "what": what})
             print(f"  busy={busy} {what}: {json.dumps(got[what])[:100]}", file=sys.stderr)
     k, r, boot = args.k, args.ratio, args.bootstrap_steps
@@ -153,6 +170,12 @@ def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
     inner = got["maml16_kept"]["time_s"] - r * b
     parts = {"scoring": k * s, "inner steps": inner, "bootstrap": boot * b, "query": b}
     floor = sum(parts.values())
+    opts = {}
+    for name in args.options:
+        steps = boot if OPTIONS[name] is None else OPTIONS[name]
+        opt_floor = floor + (steps - boot) * b  # bf16 scoring: the float32 floor
+        t = got[f"gradncp_{name}"]["time_s"]
+        opts[name] = {"time_s": t, "ratio": t / t16, "floor_ratio": opt_floor / t16}
     return {
         "setup": base,
         "busy_processes": busy,
@@ -164,6 +187,7 @@ def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
         "floor_ratio": floor / t16,
         "measured_ratio": got["gradncp"]["time_s"] / t16,
         "measured_over_floor": got["gradncp"]["time_s"] / floor,
+        "options": opts,
         "load_average_1min_end": environment("cpu")["load_average_1min"],
     }
 
@@ -190,7 +214,24 @@ def report(res: Mapping[str, Any]) -> str:
         "note: every term is a bare pass of the same size as GradNCP's; what the floor leaves "
         "out is the selection, the gathers of the kept points and the bootstrap's distance.",
     ]
+    for name, o in res["options"].items():
+        lines.append(
+            f"option {name} ({OPTION_TEXT[name]}): GradNCP {o['time_s']:.3f} s, / MAML "
+            f"K={s['k']} {o['ratio']:.3f} (its floor {o['floor_ratio']:.3f})"
+        )
     return "\n".join(lines)
+
+
+OPTION_TEXT = {
+    "L0": "no bootstrap",
+    "L1": "bootstrap L=1",
+    "L2": "bootstrap L=2",
+    "bf16": "scoring in bfloat16",
+}
+
+
+def options(args: argparse.Namespace) -> List[str]:
+    return [f"gradncp_{name}" for name in args.options]
 
 
 def main() -> None:
@@ -209,6 +250,14 @@ def main() -> None:
         nargs="+",
         default=[0],
         help="rounds, each with this many busy background processes (e.g. 0 1)",
+    )
+    parser.add_argument(
+        "--options",
+        nargs="*",
+        choices=tuple(OPTIONS),
+        default=[],
+        help="also time GradNCP with these pass-count options: L0/L1/L2 bootstrap steps, bf16 "
+        "scoring",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
