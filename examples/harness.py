@@ -29,7 +29,7 @@ import pickle
 import random
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -210,6 +210,58 @@ def check_resume(
             f"{path} was written with other settings ({shown}, saved -> given); pass the same "
             "flags to resume, another --out, or --restart to start over."
         )
+
+
+def resume(
+    out: str | os.PathLike[str],
+    settings: Mapping[str, Any],
+    *,
+    may_change: Iterable[str],
+    states: Mapping[str, Any],
+    generators: Mapping[str, torch.Generator | None] | None = None,
+    device: torch.device | str = "cpu",
+    restart: bool = False,
+    defaults: Mapping[str, Any] | None = None,
+) -> Tuple[int, MetricsLog]:
+    """Open the run folder ``out`` and continue from its checkpoint, if any.
+
+    Creates the folder; with ``restart`` deletes its checkpoint first. When
+    ``out/checkpoint.pt`` exists, refuses settings that changed outside ``may_change``
+    (:func:`check_resume`), loads each entry of ``states`` (objects with ``load_state_dict``,
+    such as the model and the optimizer; None entries are skipped) from the checkpoint key of
+    the same name, restores the random states into ``generators`` (unless None), and drops the
+    log records written after the checkpoint. Without a checkpoint the log starts empty.
+
+    Returns:
+        The step to start from (0 for a new run) and the run's :class:`MetricsLog`.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT
+    log = MetricsLog(folder / LOG)
+    if restart:
+        path.unlink(missing_ok=True)
+    if not path.is_file():
+        log.clear()
+        return 0, log
+    state = load_checkpoint(path, device)
+    check_resume(state["settings"], settings, may_change=may_change, path=path, defaults=defaults)
+    for name, obj in states.items():
+        if obj is not None:
+            obj.load_state_dict(state[name])
+    if generators is not None:
+        set_rng_state(state["rng"], device, **generators)
+    log.truncate(state["step"])
+    return state["step"], log
+
+
+def saved_mb(out: str | os.PathLike[str]) -> float | None:
+    """The bytes saved for backward by a run's first meta-step, in MiB (the ``memory`` record of
+    its ``metrics.jsonl``), or None when it has none."""
+    for record in MetricsLog(Path(out) / LOG).records():
+        if record.get("event") == "memory":
+            return record["peak_saved_bytes"] / 2**20
+    return None
 
 
 def progress(total: int, *, desc: str, initial: int = 0, enabled: bool = True) -> Any:

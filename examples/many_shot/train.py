@@ -409,9 +409,7 @@ def train(
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / harness.CHECKPOINT
-    log = harness.MetricsLog(run_dir / harness.LOG)
     if cfg.restart:
-        ckpt_path.unlink(missing_ok=True)
         (run_dir / "result.json").unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -424,26 +422,16 @@ def train(
     sampler = EpisodeSampler(splits["train"], cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed)
     meta = meta_config(cfg)
     torch.manual_seed(cfg.seed)
-    start = 0
-    if ckpt_path.is_file():
-        state = harness.load_checkpoint(ckpt_path, device)
-        harness.check_resume(
-            state["settings"],
-            cfg.to_dict(),
-            may_change=MAY_CHANGE_ON_RESUME,
-            path=ckpt_path,
-            defaults=RunConfig().to_dict(),
-        )
-        model.load_state_dict(state["model"])
-        if rates is not None:
-            rates.load_state_dict(state["learned_lr"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        harness.set_rng_state(state["rng"], device)
-        start = state["step"]
-        log.truncate(start)
-    else:
-        log.clear()
+    start, log = harness.resume(
+        run_dir,
+        cfg.to_dict(),
+        may_change=MAY_CHANGE_ON_RESUME,
+        states={"model": model, "learned_lr": rates, "optimizer": opt, "sampler": sampler},
+        generators={},
+        device=device,
+        restart=cfg.restart,
+        defaults=RunConfig().to_dict(),
+    )
 
     bar = harness.progress(
         cfg.outer_steps, initial=start, desc=f"{cfg.method} K={cfg.horizon}", enabled=cfg.progress

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Sequence
 
+from .. import harness
 from ..neural_fields.reproduce import cell
 from .train import DEFAULTS, METHODS, MODES, RESULT
 
@@ -56,18 +57,6 @@ def read(out: str, method: str, seed: int) -> Dict[str, Any] | None:
         return json.load(f)
 
 
-def saved_mb(out: str, method: str, seed: int) -> float | None:
-    path = os.path.join(run_folder(out, method, seed), "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("event") == "memory":
-                return rec["peak_saved_bytes"] / 2**20
-    return None
-
-
 def summary(out: str, seeds: Sequence[int], methods: Sequence[str] = METHODS) -> str:
     """The Markdown summary of the finished runs in ``out``."""
     results = {m: {s: read(out, m, s) for s in seeds} for m in methods}
@@ -89,7 +78,7 @@ def summary(out: str, seeds: Sequence[int], methods: Sequence[str] = METHODS) ->
             for s, r in done.items()
             if m != "maml" and results.get("maml", {}).get(s) is not None
         ]
-        mb = [v for v in (saved_mb(out, m, s) for s in done) if v is not None]
+        mb = [v for v in (harness.saved_mb(run_folder(out, m, s)) for s in done) if v is not None]
         lines.append(
             f"| {m} | {max(mb):.0f} | {', '.join(modes) or '-'} | {cell(values)} | "
             f"{', '.join(f'{v:.2f}' for v in values)} | {cell(paired) if paired else ''} | "

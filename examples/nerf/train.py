@@ -49,7 +49,7 @@ from .scenes import SceneSet, make_scenes
 
 METHODS = ("maml", "gradncp", "random")
 MODES = ("plain", "rescaled", "pruned")
-CHECKPOINT, LOG, RESULT = "checkpoint.pt", "metrics.jsonl", "result.json"
+RESULT = "result.json"
 # Defaults: the paper's NeRF setting (Appendix A.2, Tancik et al.'s Learnit) where it fits a
 # CPU, in brackets where it does not.
 DEFAULTS: Dict[str, Any] = {
@@ -215,11 +215,6 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     s = resolve(settings)
     torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
-    os.makedirs(s["out"], exist_ok=True)
-    ckpt_path = os.path.join(s["out"], CHECKPOINT)
-    log = harness.MetricsLog(os.path.join(s["out"], LOG))
-    if s["restart"] and os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
     data = splits(s)
     torch.manual_seed(s["seed"])
     random.seed(s["seed"])
@@ -229,18 +224,18 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     opt = torch.optim.Adam(model.parameters(), lr=s["outer_lr"])
     sampler = torch.Generator().manual_seed(s["seed"] + 1)
     generators = {"sampler": sampler, "pruner": cfg.pruner.generator if cfg.pruner else None}
-    step = 0
-    if os.path.exists(ckpt_path):
-        ckpt = harness.load_checkpoint(ckpt_path, device)
-        harness.check_resume(ckpt["settings"], s, may_change=MAY_CHANGE_ON_RESUME, path=ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        harness.set_rng_state(ckpt["rng"], device, **generators)
-        step = ckpt["step"]
-        log.truncate(step)
-    else:
-        log.clear()
+    step, log = harness.resume(
+        s["out"],
+        s,
+        may_change=MAY_CHANGE_ON_RESUME,
+        states={"model": model, "optimizer": opt},
+        generators=generators,
+        device=device,
+        restart=s["restart"],
+    )
+    if step == 0:
         log.write({"step": 0, "event": "start", "settings": s})
+    ckpt_path = os.path.join(s["out"], harness.CHECKPOINT)
 
     def save() -> None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}

@@ -395,18 +395,6 @@ def _load(run: str, init: str = "trained") -> Dict[str, Any] | None:
         return json.load(f)
 
 
-def _memory(run: str) -> float | None:
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("event") == "memory":
-                return rec["peak_saved_bytes"] / 2**20
-    return None
-
-
 def values(
     out: str,
     name: str,
@@ -472,7 +460,7 @@ def cell(xs: Sequence[float], digits: int = 2) -> str:
 
 
 def _mb(out: str, name: str) -> str:
-    mbs = [m for m in map(_memory, _seed_dirs(out, name)) if m is not None]
+    mbs = [m for m in map(harness.saved_mb, _seed_dirs(out, name)) if m is not None]
     return f"{statistics.fmean(mbs):.0f}" if mbs else "-"
 
 

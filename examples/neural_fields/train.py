@@ -309,11 +309,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
-    os.makedirs(s["out"], exist_ok=True)
     ckpt_path = os.path.join(s["out"], CHECKPOINT)
-    log = harness.MetricsLog(os.path.join(s["out"], LOG))
-    if s["restart"] and os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
     signals = load_data(s)
     torch.manual_seed(s["seed"])
     random.seed(s["seed"])
@@ -328,21 +324,17 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         "sampler": sampler,
         "pruner": cfg.pruner.generator if cfg.pruner is not None else None,
     }
-    step = 0
-    if os.path.exists(ckpt_path):
-        ckpt = harness.load_checkpoint(ckpt_path, device)
-        harness.check_resume(
-            ckpt["settings"], s, may_change=MAY_CHANGE_ON_RESUME, path=ckpt_path, defaults=PAPER
-        )
-        model.load_state_dict(ckpt["model"])
-        if rates is not None:
-            rates.load_state_dict(ckpt["learned_lr"])
-        opt.load_state_dict(ckpt["optimizer"])
-        harness.set_rng_state(ckpt["rng"], device, **generators)
-        step = ckpt["step"]
-        log.truncate(step)
-    else:
-        log.clear()
+    step, log = harness.resume(
+        s["out"],
+        s,
+        may_change=MAY_CHANGE_ON_RESUME,
+        states={"model": model, "learned_lr": rates, "optimizer": opt},
+        generators=generators,
+        device=device,
+        restart=s["restart"],
+        defaults=PAPER,
+    )
+    if step == 0:
         log.write({"step": 0, "event": "start", "settings": s, "data": signals.describe()})
 
     def save() -> None:
