@@ -210,7 +210,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     """Meta-train (resuming from ``out/checkpoint.pt``), then evaluate into ``result.json``.
 
     ``stop_after`` leaves after that many outer steps of this call, with a checkpoint (a
-    simulated interruption, for tests). Returns the result (None when stopped early).
+    simulated interruption, for tests). Returns the result ({} when stopped early).
     """
     s = resolve(settings)
     torch.set_num_threads(s["threads"])
