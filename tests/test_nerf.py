@@ -194,3 +194,19 @@ def test_reproduce_summarises_seeds_and_pairs_with_maml(tmp_path, monkeypatch):
     assert "not run" in rows["random"]
     with pytest.raises(ValueError, match="KEY=VALUE"):
         reproduce.command("maml", 0, out, ["lr=1"])
+
+
+def test_figure_renders_ground_truth_and_each_run(tmp_path):
+    pytest.importorskip("matplotlib", reason="the figure needs the examples extra")
+    from examples.nerf import figure
+
+    run = str(tmp_path / "run")
+    train.train({**TINY, "out": run})
+    truth, pred = figure.renders(run, [0, 1])
+    assert truth.shape == pred.shape == (2, TINY["views"], 8, 8, 3)
+    assert 0 <= pred.min() and pred.max() <= 1 and not torch.equal(truth, pred)
+    out = tmp_path / "views.png"
+    figure.main(["--run", run, "--run", run, "--scenes", "0", "1", "--out", str(out)])
+    assert out.stat().st_size > 0
+    with pytest.raises(ValueError, match="`--scenes` must be below 2"):
+        figure.renders(run, [5])
