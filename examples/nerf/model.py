@@ -1,5 +1,6 @@
 """A simplified NeRF (Mildenhall et al., 2020) as the paper's Table 4 uses it: one MLP (no
-coarse/fine pair), no view direction, ReLU layers, volume rendering along each ray.
+coarse/fine pair), no view direction, ReLU layers, volume rendering along each ray; the density
+goes through a shifted softplus (mip-NeRF's) instead of NeRF's ReLU.
 
 The model maps rays ``(points, 6)`` (origin, unit direction) to colours ``(points, 3)``, so a
 ray is one context point for ncp. Depths are ``samples`` fixed, evenly spaced points between
@@ -15,6 +16,7 @@ gradient is no rank-one outer product: ncp scores it with the exact per-point pa
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .scenes import FAR, NEAR
@@ -22,7 +24,8 @@ from .scenes import FAR, NEAR
 
 class TinyNeRF(nn.Module):
     """Positional encoding of 3-D points, ``layers`` ReLU layers of ``hidden`` units, a linear
-    head to (r, g, b, density), and alpha compositing over a white background.
+    head to (r, g, b, density) (sigmoid colour, ``softplus(raw - 1)`` density), and alpha
+    compositing over a white background.
 
     Args:
         hidden: width of every hidden layer (paper: 256).
@@ -66,7 +69,10 @@ class TinyNeRF(nn.Module):
         origin, direction = rays[..., None, :3], rays[..., None, 3:]
         points = origin + self.depths[:, None] * direction  # (rays, samples, 3)
         raw = self.head(self.body(self.encode(points)))  # (rays, samples, 4)
-        rgb, density = torch.sigmoid(raw[..., :3]), torch.relu(raw[..., 3])
+        # Softplus, shifted as in mip-NeRF (Barron et al., 2021), not ReLU: a ReLU density that
+        # falls below zero everywhere renders the white background with no gradient left, and
+        # 2 of 6 MAML and random-ray runs ended there with ReLU at outer lr 2e-3.
+        rgb, density = torch.sigmoid(raw[..., :3]), F.softplus(raw[..., 3] - 1.0)
         alpha = 1 - torch.exp(-density * self.delta)
         # Light that reaches each sample: the product of (1 - alpha) over the samples before it.
         passed = torch.cumprod(1 - alpha + 1e-10, dim=-1)
