@@ -59,7 +59,12 @@ from _common import Siren, environment, header, image_batch, outer_step, run_iso
 
 # Options that change GradNCP's pass count (--options): fewer bootstrap steps, or the scoring
 # forward pass in bfloat16. Each is timed like the default and gets its own floor.
-OPTIONS = {"L0": 0, "L1": 1, "L2": 2, "bf16": None}
+OPTIONS = {  # name: (bootstrap steps, None for the default L; what it is)
+    "L0": (0, "no bootstrap"),
+    "L1": (1, "bootstrap L=1"),
+    "L2": (2, "bootstrap L=2"),
+    "bf16": (None, "scoring in bfloat16"),
+}
 
 
 def _configs(k: int, ratio: float, boot: int) -> Dict[str, ncp.MetaConfig]:
@@ -75,7 +80,7 @@ def _configs(k: int, ratio: float, boot: int) -> Dict[str, ncp.MetaConfig]:
         "maml16_kept": ncp.MetaConfig(inner_steps=k, pruner=None, bootstrap=None),
         "gradncp": gradncp(boot),
     }
-    for name, steps in OPTIONS.items():
+    for name, (steps, _) in OPTIONS.items():
         configs[f"gradncp_{name}"] = (
             gradncp(boot, torch.bfloat16) if steps is None else gradncp(steps)
         )
@@ -172,7 +177,8 @@ def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
     floor = sum(parts.values())
     opts = {}
     for name in args.options:
-        steps = boot if OPTIONS[name] is None else OPTIONS[name]
+        steps = OPTIONS[name][0]
+        steps = boot if steps is None else steps
         opt_floor = floor + (steps - boot) * b  # bf16 scoring: the float32 floor
         t = got[f"gradncp_{name}"]["time_s"]
         opts[name] = {"time_s": t, "ratio": t / t16, "floor_ratio": opt_floor / t16}
@@ -216,18 +222,10 @@ def report(res: Mapping[str, Any]) -> str:
     ]
     for name, o in res["options"].items():
         lines.append(
-            f"option {name} ({OPTION_TEXT[name]}): GradNCP {o['time_s']:.3f} s, / MAML "
+            f"option {name} ({OPTIONS[name][1]}): GradNCP {o['time_s']:.3f} s, / MAML "
             f"K={s['k']} {o['ratio']:.3f} (its floor {o['floor_ratio']:.3f})"
         )
     return "\n".join(lines)
-
-
-OPTION_TEXT = {
-    "L0": "no bootstrap",
-    "L1": "bootstrap L=1",
-    "L2": "bootstrap L=2",
-    "bf16": "scoring in bfloat16",
-}
 
 
 def options(args: argparse.Namespace) -> List[str]:

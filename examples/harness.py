@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
@@ -262,6 +263,18 @@ def saved_mb(out: str | os.PathLike[str]) -> float | None:
         if record.get("event") == "memory":
             return record["peak_saved_bytes"] / 2**20
     return None
+
+
+def run_logged(cmd: Sequence[str], folder: str | os.PathLike[str]) -> int:
+    """Run ``cmd`` with one OpenMP thread, appending the command line and its output to
+    ``folder/stdout.log``; return its exit status."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(Path(folder) / "stdout.log", "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        done = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    return done.returncode
 
 
 def progress(total: int, *, desc: str, initial: int = 0, enabled: bool = True) -> Any:

@@ -19,7 +19,7 @@ import ncp
 
 from .. import harness
 from .model import TinyNeRF
-from .train import splits
+from .train import splits, test_config
 
 
 def renders(run: str, scenes: Sequence[int], mode: str = "full") -> tuple[torch.Tensor, ...]:
@@ -35,12 +35,7 @@ def renders(run: str, scenes: Sequence[int], mode: str = "full") -> tuple[torch.
         raise ValueError(f"`--scenes` must be below {test.scenes} (the test scenes), got {scenes}.")
     model = TinyNeRF(s["hidden"], s["layers"], s["samples"], s["frequencies"])
     model.load_state_dict(state["model"])
-    cfg = ncp.MetaConfig(
-        inner_steps=s["test_steps"],
-        inner_lr=s["inner_lr"],
-        pruner=ncp.ContextPruner(ratio=s["ratio"]),
-        bootstrap=None,
-    )
+    cfg = test_config(s)
     idx = list(scenes)
     rays, colours = test.rays[idx], test.colours[idx]
     params = ncp.adapt(model, rays[:, 0], colours[:, 0], cfg, mode=mode).params

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Any, Dict, List, Sequence
 
@@ -108,19 +107,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--report", action="store_true", help="only write the summary")
     args = p.parse_args(argv)
     if not args.report:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for seed in args.seeds:
             for method in args.methods:
                 if read(args.out, method, seed) is not None:
                     continue
                 folder = run_folder(args.out, method, seed)
-                os.makedirs(folder, exist_ok=True)
-                cmd = command(method, seed, args.out, args.overrides)
-                with open(os.path.join(folder, "stdout.log"), "a") as log:
-                    log.write("$ " + " ".join(cmd) + "\n")
-                    log.flush()
-                    done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-                if done.returncode != 0:
+                if harness.run_logged(command(method, seed, args.out, args.overrides), folder):
                     raise SystemExit(f"{folder}: FAILED, see {folder}/stdout.log")
     text = summary(args.out, args.seeds, args.methods)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

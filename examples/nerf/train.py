@@ -44,6 +44,7 @@ from torch import Tensor, nn
 import ncp
 
 from .. import harness
+from ..neural_fields.metrics import psnr
 from .model import TinyNeRF
 from .scenes import SceneSet, make_scenes
 
@@ -171,10 +172,15 @@ def sample_batch(
     return cx, cy, pool_x[rows, q], pool_y[rows, q]
 
 
-def psnr(pred: Tensor, target: Tensor) -> Tensor:
-    """PSNR in dB of colours in ``[0, 1]``, one value per leading index."""
-    mse = (pred.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse)
+def test_config(s: Dict[str, Any]) -> ncp.MetaConfig:
+    """How every method adapts at test time: ``--test-steps`` SGD steps at ``--inner-lr``, the
+    ``rescaled`` and ``pruned`` modes ranking rays by the GradNCP score at ``--ratio``."""
+    return ncp.MetaConfig(
+        inner_steps=s["test_steps"],
+        inner_lr=s["inner_lr"],
+        pruner=ncp.ContextPruner(ratio=s["ratio"]),
+        bootstrap=None,
+    )
 
 
 def evaluate(model: nn.Module, s: Dict[str, Any], scenes: SceneSet) -> Dict[str, Dict[str, Any]]:
@@ -186,19 +192,16 @@ def evaluate(model: nn.Module, s: Dict[str, Any], scenes: SceneSet) -> Dict[str,
     {"psnr": mean over scenes, "per_scene": [...]}}``; a scene's PSNR is the mean over its
     unseen views.
     """
-    cfg = ncp.MetaConfig(
-        inner_steps=s["test_steps"],
-        inner_lr=s["inner_lr"],
-        pruner=ncp.ContextPruner(ratio=s["ratio"]),
-        bootstrap=None,
-    )
+    cfg = test_config(s)
     x, y = scenes.rays[:, 0], scenes.colours[:, 0]
     out: Dict[str, Dict[str, Any]] = {}
     for mode, ncp_mode in zip(MODES, ("full", "rescaled", "pruned"), strict=True):
         params = ncp.adapt(model, x, y, cfg, mode=ncp_mode).params
         with torch.no_grad():
             per_view = [
-                psnr(ncp.forward(model, params, scenes.rays[:, v]), scenes.colours[:, v])
+                psnr(
+                    ncp.forward(model, params, scenes.rays[:, v]).clamp(0, 1), scenes.colours[:, v]
+                )
                 for v in range(1, scenes.views)
             ]
         values = torch.stack(per_view).mean(0).tolist()

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Sequence, Tuple
@@ -330,17 +329,9 @@ def _done(cmd: List[str], run: str) -> bool:
 
 
 def _run_one(cmds: List[List[str]], run: str) -> str:
-    os.makedirs(run, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(os.path.join(run, "stdout.log"), "a") as log:
-        for cmd in cmds:
-            if _done(cmd, run):
-                continue
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-            if done.returncode != 0:
-                return f"{run}: FAILED ({' '.join(cmd[2:4])}), see {run}/stdout.log"
+    for cmd in cmds:
+        if not _done(cmd, run) and harness.run_logged(cmd, run) != 0:
+            return f"{run}: FAILED ({' '.join(cmd[2:4])}), see {run}/stdout.log"
     return f"{run}: done"
 
 
@@ -395,6 +386,29 @@ def _load(run: str, init: str = "trained") -> Dict[str, Any] | None:
         return json.load(f)
 
 
+def per_seed(
+    out: str,
+    name: str,
+    variant: str,
+    *,
+    key: str = "psnr",
+    step: int | None = None,
+    init: str = "trained",
+) -> Dict[int, float]:
+    """``{seed: number}`` for each seed of run ``name`` that has it: ``key`` of ``variant`` at
+    K_test, or the PSNR after ``step`` steps."""
+    found = {}
+    for run in _seed_dirs(out, name):
+        res = _load(run, init)
+        if res is None or variant not in res["variants"]:
+            continue
+        v = res["variants"][variant]
+        value = v["curve"].get(str(step)) if step is not None else v.get(key)
+        if value is not None:
+            found[int(run.rsplit("_s", 1)[1])] = float(value)
+    return found
+
+
 def values(
     out: str,
     name: str,
@@ -404,18 +418,8 @@ def values(
     step: int | None = None,
     init: str = "trained",
 ) -> List[float]:
-    """One number per seed of run ``name``: ``key`` of ``variant`` at K_test, or the PSNR
-    after ``step`` steps."""
-    found = []
-    for run in _seed_dirs(out, name):
-        res = _load(run, init)
-        if res is None or variant not in res["variants"]:
-            continue
-        v = res["variants"][variant]
-        value = v["curve"].get(str(step)) if step is not None else v.get(key)
-        if value is not None:
-            found.append(float(value))
-    return found
+    """The numbers of :func:`per_seed`, in seed order."""
+    return list(per_seed(out, name, variant, key=key, step=step, init=init).values())
 
 
 def mean_ci(xs: Sequence[float], level: float = 0.95) -> Tuple[float, float | None]:
@@ -436,17 +440,9 @@ def paired_differences(
     out: str, name: str, baseline: str, variant: str, *, init: str = "trained"
 ) -> List[float]:
     """``name`` minus ``baseline`` at K_test for every seed both have results for."""
-
-    def by_seed(run_name: str) -> Dict[str, float]:
-        found = {}
-        for run in _seed_dirs(out, run_name):
-            res = _load(run, init)
-            if res is not None and variant in res["variants"]:
-                found[run.rsplit("_s", 1)[1]] = res["variants"][variant]["psnr"]
-        return found
-
-    a, b = by_seed(name), by_seed(baseline)
-    return [a[seed] - b[seed] for seed in sorted(a) if seed in b]
+    a = per_seed(out, name, variant, init=init)
+    b = per_seed(out, baseline, variant, init=init)
+    return [a[seed] - b[seed] for seed in a if seed in b]
 
 
 def cell(xs: Sequence[float], digits: int = 2) -> str:
