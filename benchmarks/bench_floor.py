@@ -35,6 +35,13 @@ with its scoring forward pass in bfloat16, timed in the same run, each with its 
 and its own floor (``L`` changed in the formula; bf16 keeps the float32 floor). Their PSNR cost
 is measured by the reproduction runs (docs/benchmarks.md gives both).
 
+**Interleaved** (``--interleaved N``): the units and both steps timed in the *same* process, in
+rounds (forward pass, first-order step, MAML K=16, MAML K=16 on the kept points, GradNCP; then
+again), so that the floor and the step are measured in the same units; ``N`` fresh processes of
+that each, to show how much a fresh process moves both. On a VM whose process-to-process spread
+is larger than the gap being measured, this is the comparison that can show "within 10 % of the
+floor".
+
 Run ``python benchmarks/bench_floor.py --help`` for the flags (about 2 minutes a round).
 """
 
@@ -48,7 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping
+from typing import Any, Callable, Dict, Iterator, List, Mapping
 
 import torch
 
@@ -87,45 +94,85 @@ def _configs(k: int, ratio: float, boot: int) -> Dict[str, ncp.MetaConfig]:
     return configs
 
 
+def _step_fn(
+    what: str, spec: Mapping[str, Any], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One outer step of variant ``what`` (a key of :func:`_configs`) as a closure; the
+    gradients are cleared after it. ``maml16_kept`` runs on every (1/ratio)-th point."""
+    cfg = _configs(spec["k"], spec["ratio"], spec["boot"])[what]
+    if what == "maml16_kept":
+        stride = max(1, round(1 / spec["ratio"]))
+        x, y = x[:, ::stride].contiguous(), y[:, ::stride].contiguous()
+
+    def step() -> None:
+        outer_step(model, (x, y), cfg)
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _unit_fns(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Dict[str, Callable[[], None]]:
+    """The unit passes over all tasks' points: ``forward_s`` (no autograd) and
+    ``first_order_s`` (forward and backward, no graph kept)."""
+    flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(flat_x)
+
+    def first_order() -> None:
+        loss = ((model(flat_x) - flat_y) ** 2).mean()
+        torch.autograd.grad(loss, list(model.parameters()))
+
+    return {"forward_s": forward, "first_order_s": first_order}
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_interleaved(spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every quantity in this one process, in rounds: the unit passes (three times each, as in
+    ``measure``), MAML K, MAML K on the kept points and GradNCP, then the next round. One
+    warm-up round is not counted. Returns each quantity's median over the rounds and its
+    per-round times."""
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model = Siren()
+    x, y = image_batch(spec["resolution"], spec["tasks"], seed=spec["seed"])
+    fns = dict(_unit_fns(model, x, y))
+    for what in ("maml16", "maml16_kept", "gradncp"):
+        fns[what] = _step_fn(what, spec, model, x, y)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for round_ in range(spec["repeats"] + 1):  # round 0 warms up (and touches the memory)
+        for name, fn in fns.items():
+            for _ in range(3 if name.endswith("_s") else 1):
+                t = _timed(fn)
+                if round_:
+                    times[name].append(t)
+    return {name: {"time_s": statistics.median(ts), "times_s": ts} for name, ts in times.items()}
+
+
 def measure(spec: Mapping[str, Any]) -> Dict[str, Any]:
     """One quantity in this fresh process: a variant's step time, or the unit passes."""
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     model = Siren()
     x, y = image_batch(spec["resolution"], spec["tasks"], seed=spec["seed"])
-    times = []
     if spec["what"] == "units":
-        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-
-        def forward() -> None:
-            with torch.no_grad():
-                model(flat_x)
-
-        def first_order() -> None:
-            loss = ((model(flat_x) - flat_y) ** 2).mean()
-            torch.autograd.grad(loss, list(model.parameters()))
-
         out: Dict[str, Any] = {}
-        for name, fn in (("forward_s", forward), ("first_order_s", first_order)):
+        for name, fn in _unit_fns(model, x, y).items():
             fn()  # warm-up
-            times = []
-            for _ in range(spec["repeats"] * 3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            out[name] = statistics.median(times)
+            out[name] = statistics.median(_timed(fn) for _ in range(spec["repeats"] * 3))
         return out
-    cfg = _configs(spec["k"], spec["ratio"], spec["boot"])[spec["what"]]
-    if spec["what"] == "maml16_kept":  # the kept-size context: every (1/ratio)-th point
-        stride = max(1, round(1 / spec["ratio"]))
-        x, y = x[:, ::stride].contiguous(), y[:, ::stride].contiguous()
-    outer_step(model, (x[:, :256], y[:, :256]), cfg)  # warm-up on a few points
-    model.zero_grad(set_to_none=True)
-    for _ in range(spec["repeats"] + 1):  # the first full-size step also touches its memory
-        start = time.perf_counter()
-        outer_step(model, (x, y), cfg)
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
+    _step_fn(spec["what"], spec, model, x[:, :256], y[:, :256])()  # warm-up on a few points
+    step = _step_fn(spec["what"], spec, model, x, y)
+    # the first full-size step also touches its memory: not counted
+    times = [_timed(step) for _ in range(spec["repeats"] + 1)]
     return {"time_s": statistics.median(times[1:]), "times_s": times}
 
 
@@ -151,8 +198,23 @@ def busy_processes(n: int) -> Iterator[None]:
             p.wait()
 
 
-def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
-    base = {
+def floor_parts(
+    args: argparse.Namespace, s: float, b: float, maml_kept: float
+) -> tuple[Dict[str, float], float]:
+    """The floor's terms from the units: ``K s`` scoring, the K steps on the kept points (MAML
+    on a kept-size context minus its query pass, ``ratio * b``), ``L b`` bootstrap, ``b`` query;
+    and their sum."""
+    parts = {
+        "scoring": args.k * s,
+        "inner steps": maml_kept - args.ratio * b,
+        "bootstrap": args.bootstrap_steps * b,
+        "query": b,
+    }
+    return parts, sum(parts.values())
+
+
+def _base(args: argparse.Namespace) -> Dict[str, Any]:
+    return {
         "resolution": args.resolution,
         "tasks": args.tasks,
         "threads": args.threads,
@@ -162,6 +224,10 @@ def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
         "ratio": args.ratio,
         "boot": args.bootstrap_steps,
     }
+
+
+def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
+    base = _base(args)
     env = environment("cpu")
     env["threads"] = args.threads
     got = {}
@@ -169,12 +235,11 @@ def run(args: argparse.Namespace, busy: int = 0) -> Dict[str, Any]:
         for what in ("units", "maml16", "maml16_kept", "gradncp", *options(args)):
             got[what] = run_isolated("bench_floor", "measure", {**base, "what": what})
             print(f"  busy={busy} {what}: {json.dumps(got[what])[:100]}", file=sys.stderr)
-    k, r, boot = args.k, args.ratio, args.bootstrap_steps
+    boot = args.bootstrap_steps
     t16 = got["maml16"]["time_s"]
     s, b = got["units"]["forward_s"], got["units"]["first_order_s"]
-    inner = got["maml16_kept"]["time_s"] - r * b
-    parts = {"scoring": k * s, "inner steps": inner, "bootstrap": boot * b, "query": b}
-    floor = sum(parts.values())
+    parts, floor = floor_parts(args, s, b, got["maml16_kept"]["time_s"])
+    inner = parts["inner steps"]
     opts = {}
     for name in args.options:
         steps = OPTIONS[name][0]
@@ -228,6 +293,68 @@ def report(res: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_interleaved(args: argparse.Namespace) -> Dict[str, Any]:
+    """``args.interleaved`` fresh processes, each timing every quantity in rounds in itself."""
+    env = environment("cpu")
+    env["threads"] = args.threads
+    procs = []
+    for i in range(args.interleaved):
+        got = run_isolated("bench_floor", "measure_interleaved", _base(args))
+        t16, t = got["maml16"]["time_s"], got["gradncp"]["time_s"]
+        _, floor = floor_parts(
+            args,
+            got["forward_s"]["time_s"],
+            got["first_order_s"]["time_s"],
+            got["maml16_kept"]["time_s"],
+        )
+        procs.append(
+            {
+                "measured": got,
+                "floor_s": floor,
+                "floor_ratio": floor / t16,
+                "measured_ratio": t / t16,
+                "measured_over_floor": t / floor,
+            }
+        )
+        print(f"  process {i}: {json.dumps(procs[-1])[:160]}", file=sys.stderr)
+    return {
+        "setup": _base(args),
+        "env": env,
+        "processes": procs,
+        "load_average_1min_end": environment("cpu")["load_average_1min"],
+    }
+
+
+def report_interleaved(res: Mapping[str, Any]) -> str:
+    s = res["setup"]
+    lines = [
+        header(
+            f"ncp floor benchmark, interleaved: SIREN 5x256, {s['resolution']}x{s['resolution']} "
+            f"RGB, {s['tasks']} tasks; GradNCP K={s['k']} ratio {s['ratio']} L={s['boot']} "
+            f"against MAML K={s['k']}; units and steps timed in rounds inside each process "
+            f"({s['repeats']} rounds after a warm-up round)",
+            res["env"],
+            res["load_average_1min_end"],
+        ),
+        "| process | MAML K (s) | GradNCP (s) | floor (s) | GradNCP / MAML | floor / MAML "
+        "| GradNCP / floor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, p in enumerate(res["processes"]):
+        m = p["measured"]
+        lines.append(
+            f"| {i} | {m['maml16']['time_s']:.3f} | {m['gradncp']['time_s']:.3f} "
+            f"| {p['floor_s']:.3f} | {p['measured_ratio']:.3f} | {p['floor_ratio']:.3f} "
+            f"| {p['measured_over_floor']:.3f} |"
+        )
+    over = [p["measured_over_floor"] for p in res["processes"]]
+    lines.append(
+        f"GradNCP / floor: median {statistics.median(over):.3f} over {len(over)} processes "
+        f"(range {min(over):.3f}-{max(over):.3f})"
+    )
+    return "\n".join(lines)
+
+
 def options(args: argparse.Namespace) -> List[str]:
     return [f"gradncp_{name}" for name in args.options]
 
@@ -257,12 +384,28 @@ def main() -> None:
         help="also time GradNCP with these pass-count options: L0/L1/L2 bootstrap steps, bf16 "
         "scoring",
     )
+    parser.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N fresh processes, each timing the units and both steps in rounds "
+        "inside itself (--repeats rounds)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.k < 4 or not 0 < args.ratio <= 1 or args.repeats < 1 or args.bootstrap_steps < 0:
         parser.error("--k >= 4, --ratio in (0, 1], --repeats >= 1, --bootstrap-steps >= 0")
     if min(args.busy) < 0:
         parser.error(f"--busy takes counts >= 0, got {args.busy}")
+    if args.interleaved < 0:
+        parser.error(f"--interleaved takes a process count >= 0, got {args.interleaved}")
+    if args.interleaved:
+        res = run_interleaved(args)
+        print(report_interleaved(res), flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return
     rounds: List[Dict[str, Any]] = []
     for busy in args.busy:
         rounds.append(run(args, busy))

@@ -501,6 +501,17 @@ def test_bootstrap_context_and_chunk_flags_reach_the_config():
     assert (got["bootstrap_context"], got["bootstrap_chunk"]) == ("random", 8)
 
 
+def test_score_dtype_flag_reaches_the_pruner_and_the_reproduce_command():
+    s = {**train.PAPER, "data": "text", "method": "gradncp"}
+    assert train.make_config(s).pruner.score_dtype is None
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    got = train.settings_from(parser.parse_args(["--score-dtype", "bfloat16"]), parser)
+    assert train.make_config({**s, **got}).pruner.score_dtype is torch.bfloat16
+    cmd = reproduce.commands("text_gradncp_bf16", "runs")[0]
+    assert cmd[cmd.index("--score-dtype") + 1] == "bfloat16"
+
+
 def test_reptile_gradient_is_theta0_minus_the_mean_adapted_parameters(tmp_path):
     torch.manual_seed(0)
     model = train.Siren(2, 3, hidden=8, layers=2)

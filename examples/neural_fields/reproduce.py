@@ -87,6 +87,8 @@ for _c in ("pruned", "random"):
 RUNS["text_ffn_maml"] = ("ffn", "text", {**MAML, "model": "ffn"})
 for _s in _train.SCORES:
     RUNS[f"text_ffn_score_{_s}"] = ("ffn", "text", gradncp("text", score=_s, model="ffn"))
+# bf16 scoring (ContextPruner(score_dtype=torch.bfloat16)) over a whole run, against text_gradncp
+RUNS["text_gradncp_bf16"] = ("bf16", "text", gradncp("text", score_dtype="bfloat16"))
 RUNS["text_maml_metasgd"] = ("metasgd", "text", {**MAML, "learned_lr": "param"})
 RUNS["text_gradncp_metasgd"] = ("metasgd", "text", gradncp("text", learned_lr="param"))
 # Climate: GradNCP diverged at ratio 0.25 (K=16), the setting used before the paper's 0.5. The
@@ -157,6 +159,7 @@ GROUPS = (
     "bootctx",
     "ffn",
     "firstorder",
+    "bf16",
 )
 DEFAULT_GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd")
 EVAL: Dict[str, Any] = {
@@ -581,6 +584,12 @@ def report(out: str, preset: str = "cpu") -> str:
         [(n, n) for n in ("text_gradncp", "text_fomaml_K128", "text_reptile_K128")],
         modes=("", " +rescale"),
         at64=True,
+    )
+    lines += _table(
+        out,
+        "Scoring in bfloat16 over a whole run (Text, K=16, ratio 0.25)",
+        "scoring dtype",
+        [("float32", "text_gradncp"), ("bfloat16", "text_gradncp_bf16")],
     )
     lines += _table(
         out,

@@ -44,6 +44,8 @@ from examples.neural_fields.models import FourierFeatureMLP, NeRV, Siren
 
 METHODS = ("maml", "gradncp", "reptile")
 SCORES = ("gradncp", "loss", "random")
+# --score-dtype: None keeps the scoring pass in the parameters' dtype
+SCORE_DTYPES: Dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 CHECKPOINT = harness.CHECKPOINT
 LOG = harness.LOG
 LEARNED_LR = ("none", "step", "param")
@@ -80,6 +82,7 @@ PAPER: Dict[str, Any] = dict(
     first_order=False,
     ratio=None,  # 0.25; 0.5 for audio and the sphere
     score="gradncp",
+    score_dtype="float32",  # the scoring forward pass; bfloat16 is ContextPruner(score_dtype=...)
     bootstrap_steps=5,
     bootstrap_lr=5e-2,
     bootstrap_weight=100.0,
@@ -183,7 +186,12 @@ def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
         inner_steps=steps,
         inner_lr=s["inner_lr"],
         first_order=s["first_order"],
-        pruner=ncp.ContextPruner(ratio=s["ratio"], score=s["score"], generator=generator),
+        pruner=ncp.ContextPruner(
+            ratio=s["ratio"],
+            score=s["score"],
+            generator=generator,
+            score_dtype=SCORE_DTYPES[s.get("score_dtype", "float32")],
+        ),
         bootstrap=bootstrap,
     )
 
@@ -436,6 +444,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--first-order", action="store_true", default=None, help="first-order MAML")
     a("--ratio", type=float, help="GradNCP kept fraction gamma (0.25; 0.5 audio and sphere)")
     a("--score", choices=SCORES, help=f"point score ({d['score']})")
+    a(
+        "--score-dtype",
+        choices=tuple(SCORE_DTYPES),
+        help="dtype of the scoring forward pass; the inner steps stay float32 (float32)",
+    )
     a("--bootstrap-steps", type=int, help=f"L, 0 turns the bootstrap off ({d['bootstrap_steps']})")
     a("--bootstrap-lr", type=float, help=f"bootstrap target lr ({d['bootstrap_lr']:g})")
     a("--bootstrap-weight", type=float, help=f"lambda ({d['bootstrap_weight']:g})")
