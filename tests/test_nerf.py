@@ -210,3 +210,26 @@ def test_figure_renders_ground_truth_and_each_run(tmp_path):
     assert out.stat().st_size > 0
     with pytest.raises(ValueError, match="`--scenes` must be below 2"):
         figure.renders(run, [5])
+
+
+def test_gradnorm_follows_the_pruned_steps_at_the_runs_inner_lr(tmp_path):
+    from examples.nerf import gradnorm
+    from examples.neural_fields.gradnorm import grad_ratios
+
+    run = str(tmp_path / "run")
+    train.train({**TINY, "out": run})
+    model, s = train.load_run(run)
+    test = train.splits(s)["test"]
+    x, y = test.rays[:, 0], test.colours[:, 0]
+    at_run = grad_ratios(model, x, y, 0.5, 2, s["inner_lr"])
+    at_small = grad_ratios(model, x, y, 0.5, 2, 1e-3)
+    assert_close(at_run[0], at_small[0])  # the first step is taken at the initialisation
+    assert not torch.allclose(at_run[1], at_small[1])  # later ones where the lr moved it
+    lines = gradnorm.main(["--run", run, "--ratios", "0.5", "--inner-steps", "2"])
+    assert f"inner lr {s['inner_lr']:g}" in lines[0]
+    values = [float(v) for v in lines[1].split(": ")[1].split(" | ")[0].split()]
+    assert values == pytest.approx(at_run.mean(1).tolist(), abs=5e-3)
+    with pytest.raises(SystemExit):
+        gradnorm.main(["--run", run, "--ratios", "0"])
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint\.pt"):
+        train.load_run(str(tmp_path / "missing"))

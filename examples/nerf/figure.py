@@ -17,24 +17,16 @@ import torch
 
 import ncp
 
-from .. import harness
-from .model import TinyNeRF
-from .train import splits, test_config
+from .train import load_run, splits, test_config
 
 
 def renders(run: str, scenes: Sequence[int], mode: str = "full") -> tuple[torch.Tensor, ...]:
     """The test ``scenes`` of ``run``: ground truth ``(scenes, views, H, W, 3)`` and the run's
     renders of the same views after adapting on view 0 (``mode`` as in :func:`ncp.adapt`)."""
-    path = os.path.join(run, harness.CHECKPOINT)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"`--run`={run!r} holds no {harness.CHECKPOINT}; train it first.")
-    state = harness.load_checkpoint(path)
-    s = state["settings"]
+    model, s = load_run(run)
     test = splits(s)["test"]
     if max(scenes) >= test.scenes:
         raise ValueError(f"`--scenes` must be below {test.scenes} (the test scenes), got {scenes}.")
-    model = TinyNeRF(s["hidden"], s["layers"], s["samples"], s["frequencies"])
-    model.load_state_dict(state["model"])
     cfg = test_config(s)
     idx = list(scenes)
     rays, colours = test.rays[idx], test.colours[idx]

@@ -145,6 +145,18 @@ def make_config(s: Dict[str, Any]) -> ncp.MetaConfig:
     )
 
 
+def load_run(run: str) -> tuple[TinyNeRF, Dict[str, Any]]:
+    """The meta-learned model of the run folder ``run`` and its settings."""
+    path = os.path.join(run, harness.CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`--run`={run!r} holds no {harness.CHECKPOINT}; train it first.")
+    state = harness.load_checkpoint(path)
+    s = state["settings"]
+    model = TinyNeRF(s["hidden"], s["layers"], s["samples"], s["frequencies"])
+    model.load_state_dict(state["model"])
+    return model, s
+
+
 def splits(s: Dict[str, Any]) -> Dict[str, SceneSet]:
     """Train, validation and test scenes: disjoint draws of one procedural family."""
     n = {"train": s["scenes"], "val": s["val_scenes"], "test": s["test_scenes"]}

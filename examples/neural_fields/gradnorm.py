@@ -34,11 +34,21 @@ def _norm(loss: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def grad_ratios(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ratio: float, steps: int
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ratio: float,
+    steps: int,
+    inner_lr: float = 1e-2,
 ) -> torch.Tensor:
     """``(steps, tasks)``: pruned over full gradient norm of the MSE at each step of a pruned
-    adaptation with ``ContextPruner(ratio)`` at the model's default inner lr (1e-2)."""
-    cfg = ncp.MetaConfig(inner_steps=steps, pruner=ncp.ContextPruner(ratio=ratio), bootstrap=None)
+    adaptation with ``ContextPruner(ratio)`` at ``inner_lr`` (the neural-field default, 1e-2)."""
+    cfg = ncp.MetaConfig(
+        inner_steps=steps,
+        inner_lr=inner_lr,
+        pruner=ncp.ContextPruner(ratio=ratio),
+        bootstrap=None,
+    )
     current = {n: p.detach().expand(x.shape[0], *p.shape) for n, p in model.named_parameters()}
     out = []
     for _ in range(steps):
