@@ -15,6 +15,11 @@ for res in 64 178; do
   python3 benchmarks/bench_meta_step.py --device cuda --resolution "$res" --repeats 5 \
     --json "$OUT/bench_$res.json" 2>&1 | tee "$OUT/bench_$res.txt"
 done
+# the step recorded as a CUDA graph (ncp.GraphedMetaStep) against MAML K=16, eager and recorded
+for res in 64 178; do
+  python3 benchmarks/bench_graphed.py --device cuda --resolution "$res" --repeats 10 \
+    --json "$OUT/graphed_$res.json" 2>&1 | tee "$OUT/graphed_$res.txt"
+done
 python3 benchmarks/bench_scale.py --device cuda --resolutions 64 256 512 1024 \
   --configs "K=16 r=0.01 L=5" "K=16 r=0.25 L=5" --json "$OUT/scale.json" 2>&1 | tee "$OUT/scale.txt"
 # 2048x2048 (4,194,304 points) with the inner steps recomputed in backward, and its CUDA peak

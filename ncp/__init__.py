@@ -19,6 +19,7 @@ from ._driver import MetaStepResult as MetaStepResult
 from ._driver import adapt as adapt
 from ._driver import forward as forward
 from ._driver import meta_step as meta_step
+from ._graphs import GraphedMetaStep as GraphedMetaStep
 from ._lr import LearnedLR as LearnedLR
 from ._memory import MemoryMeter as MemoryMeter
 from ._planning import MemoryPlan as MemoryPlan
@@ -39,6 +40,7 @@ __all__ = [
     "BootstrapMetaLoss",
     "ContextPruner",
     "GradRescaler",
+    "GraphedMetaStep",
     "LearnedLR",
     "MemoryMeter",
     "MemoryPlan",

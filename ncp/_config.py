@@ -42,6 +42,11 @@ class MetaConfig:
         loss_fn: per-point loss ``(pred, target) -> (tasks, points)`` used by
             :func:`ncp.meta_step` and :func:`ncp.adapt` (each may override it):
             ``ncp.losses.mse`` for fields, ``ncp.losses.cross_entropy`` for class labels.
+        check_finite: check the inner losses for NaN or infinity after the inner loop (and
+            the losses of :func:`ncp.adapt`), raising ``FloatingPointError`` naming the step and
+            task. The check reads one value back from the device per call; ``False`` skips it,
+            which a step captured as a CUDA graph needs (:class:`ncp.GraphedMetaStep` checks
+            after each replay instead).
         adapt_only: names of the parameters (or modules, as prefixes) the inner loop adapts;
             the other trainable parameters are meta-learned only, e.g. ``("modulations",)`` to
             adapt latent modulations as in COIN++/functa. None adapts every trainable
@@ -66,6 +71,7 @@ class MetaConfig:
     adapt_only: Sequence[str] | None = None
     chunk_size: int | None = None
     recompute_steps: bool = False
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         if not is_int_at_least(self.inner_steps, 1):
@@ -74,7 +80,7 @@ class MetaConfig:
             )
         if not is_number_above(self.inner_lr):
             raise ValueError(f"`MetaConfig.inner_lr` must be a number > 0, got {self.inner_lr!r}.")
-        for name in ("first_order", "vmap_tasks", "recompute_steps"):
+        for name in ("first_order", "vmap_tasks", "recompute_steps", "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`MetaConfig.{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.pruner is not None and not isinstance(self.pruner, ContextPruner):
