@@ -151,6 +151,15 @@ def _load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
+def free_cores() -> int:
+    """Cores not busy when the demo starts: the CPU count minus the 1-minute load average
+    (rounded), at least 1. The demo's default thread count: a thread pool larger than the free
+    cores slows a GradNCP step down 2.5 times more than a MAML step, while one thread per free
+    core slows neither (docs/benchmarks.md, "Contention")."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, cores - round(_load_average())))
+
+
 def busy_note(results: Dict[str, Any]) -> str | None:
     """A warning when other processes shared the CPU while a method trained: the step times
     are then not comparable (a GradNCP step, made of more and smaller operations, slows down
@@ -233,13 +242,22 @@ def make_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
-    """Run the demo; ``argv`` as on the command line. Returns the results as a dict."""
+    """Run the demo; ``argv`` as on the command line. Returns the results as a dict. The torch
+    thread count is set for the run and restored afterwards."""
     args = parse_args(argv)
     settings = {**DEFAULTS, **(SMOKE if args.smoke else {})}
     settings.update({k: v for k, v in vars(args).items() if v is not None and k != "smoke"})
+    before = torch.get_num_threads()
+    threads = settings.get("threads") or min(before, free_cores())
+    torch.set_num_threads(threads)
+    try:
+        return _run(settings, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(settings: Dict[str, Any], threads: int) -> Dict[str, Any]:
     t0 = time.perf_counter()
-    if settings.get("threads"):
-        torch.set_num_threads(settings["threads"])
     torch.manual_seed(settings["seed"])
     init = Siren(hidden=settings["hidden"], layers=settings["layers"])
     res = settings["resolution"]
@@ -257,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         f"outer:   Adam lr {settings['outer_lr']:g}, grad clip {settings['clip']:g}, batch "
         f"{settings['batch']}, {settings['outer_steps']} steps per method "
         f"(paper: lr 1e-5, 150,000 steps; a larger lr suits this tiny budget)\n"
-        f"test:    {len(test)} held-out images, {settings['test_steps']} full-context steps",
+        f"test:    {len(test)} held-out images, {settings['test_steps']} full-context steps\n"
+        f"threads: {threads}"
+        + ("" if settings.get("threads") else " (the cores free at start; --threads to set)"),
         flush=True,
     )
     models: Dict[str, nn.Module] = {}
@@ -364,7 +384,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, help=f"seed of the model and data ({DEFAULTS['seed']})")
     parser.add_argument("--out", help=f"output folder ({DEFAULTS['out']})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (the cores free at start, at most torch's default)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny run of a few seconds")
     args = parser.parse_args(argv)
     for name in (

@@ -159,3 +159,10 @@ def test_busy_note_flags_a_shared_cpu_only(monkeypatch):
     busy = {"methods": {"MAML": {"load_average": 2.1}, "GradNCP": {"load_average": 4.3}}}
     note = demo.busy_note(busy)
     assert note is not None and "GradNCP 4.3" in note and "not a fair comparison" in note
+
+
+def test_default_threads_are_the_cores_free_at_start(monkeypatch):
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    for load, free in ((0.3, 4), (1.6, 2), (3.9, 1), (9.0, 1)):
+        monkeypatch.setattr(demo, "_load_average", lambda load=load: load)
+        assert demo.free_cores() == free
