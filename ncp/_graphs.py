@@ -93,8 +93,8 @@ class GraphedMetaStep:
             )
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
             raise ValueError(f"`warmup` must be an int >= 1, got {warmup!r}.")
-        inputs = tuple(_unpack(batch))
-        device = inputs[0].device
+        _unpack(batch)  # validates: (x, y) or (context_x, context_y, query_x, query_y)
+        device = batch[0].device
         capture = device.type == "cuda" if capture is None else capture
         if capture:
             _check_capturable(device, cfg)
@@ -105,8 +105,7 @@ class GraphedMetaStep:
         self._run_cfg = dataclasses.replace(cfg, check_finite=False)
         self._loss_fn = loss_fn
         self._learned_lr = learned_lr
-        self._two = len(batch) == 2
-        self._inputs = tuple(t.detach().clone() for t in (batch if self._two else inputs))
+        self._inputs = tuple(t.detach().clone() for t in batch)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         if learned_lr is not None:
             self._trainable += [p for p in learned_lr.parameters() if p.requires_grad]
