@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Sequence
 
-from ..neural_fields.gradnorm import grad_ratios
+from ..neural_fields.gradnorm import check_arguments, ratio_lines
 from .train import load_run, splits
 
 
@@ -28,12 +28,7 @@ def main(argv: Sequence[str] | None = None) -> List[str]:
     parser.add_argument("--inner-steps", type=int, default=16, help="inner steps (16)")
     parser.add_argument("--scenes", type=int, default=8, help="test scenes (8)")
     args = parser.parse_args(argv)
-    for name in ("inner_steps", "scenes"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for r in args.ratios:
-        if not 0 < r <= 1:
-            parser.error(f"--ratios must be in (0, 1], got {r}")
+    check_arguments(parser, args, "inner_steps", "scenes")
     model, s = load_run(args.run)
     test = splits(s)["test"]
     n = min(args.scenes, test.scenes)
@@ -42,12 +37,7 @@ def main(argv: Sequence[str] | None = None) -> List[str]:
         f"{args.run}: pruned / full gradient norm at inner lr {s['inner_lr']:g}, mean over "
         f"{n} test scenes' context views, per step"
     ]
-    for ratio in args.ratios:
-        per_step = grad_ratios(model, x, y, ratio, args.inner_steps, s["inner_lr"]).mean(1)
-        values = " ".join(f"{v:.2f}" for v in per_step.tolist())
-        lines.append(
-            f"ratio {ratio:g} (at most {1 / ratio:g}): {values} | max {per_step.max():.2f}"
-        )
+    lines += ratio_lines(model, x, y, args.ratios, args.inner_steps, s["inner_lr"])
     print("\n".join(lines))
     return lines
 

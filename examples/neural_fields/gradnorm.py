@@ -66,6 +66,38 @@ def grad_ratios(
     return torch.tensor(out)
 
 
+def check_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *counts: str
+) -> None:
+    """Exit through ``parser.error`` unless every ``counts`` flag is >= 1 and every ratio is in
+    (0, 1]."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for r in args.ratios:
+        if not 0 < r <= 1:
+            parser.error(f"--ratios must be in (0, 1], got {r}")
+
+
+def ratio_lines(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ratios: Sequence[float],
+    steps: int,
+    inner_lr: float = 1e-2,
+) -> List[str]:
+    """One line per ratio: :func:`grad_ratios` averaged over tasks at each step, and its max."""
+    lines = []
+    for ratio in ratios:
+        per_step = grad_ratios(model, x, y, ratio, steps, inner_lr).mean(1)
+        values = " ".join(f"{v:.2f}" for v in per_step.tolist())
+        lines.append(
+            f"ratio {ratio:g} (at most {1 / ratio:g}): {values} | max {per_step.max():.2f}"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> List[str]:
     """Command line entry point; returns the printed lines."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -75,22 +107,12 @@ def main(argv: Sequence[str] | None = None) -> List[str]:
     parser.add_argument("--signals", type=int, default=8, help="test signals (8)")
     parser.add_argument("--init", choices=("trained", "random"), default="trained")
     args = parser.parse_args(argv)
-    for name in ("inner_steps", "signals"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for r in args.ratios:
-        if not 0 < r <= 1:
-            parser.error(f"--ratios must be in (0, 1], got {r}")
+    check_arguments(parser, args, "inner_steps", "signals")
     run = evaluate.load_run(args.run, init=args.init)
     signals = run["signals"]
     x, y = signals.context(signals.test[: args.signals])
     lines = [f"{args.run} ({args.init}): pruned / full gradient norm, mean over signals, per step"]
-    for ratio in args.ratios:
-        per_step = grad_ratios(run["model"], x, y, ratio, args.inner_steps).mean(1)
-        values = " ".join(f"{v:.2f}" for v in per_step.tolist())
-        lines.append(
-            f"ratio {ratio:g} (at most {1 / ratio:g}): {values} | max {per_step.max():.2f}"
-        )
+    lines += ratio_lines(run["model"], x, y, args.ratios, args.inner_steps)
     print("\n".join(lines))
     return lines
 
