@@ -54,7 +54,12 @@ def cross_domain(source: datasets.SignalSet, s: Dict[str, Any], on: str) -> data
 
 
 def load_run(
-    run: str, *, device: str = "cpu", init: str = "trained", on: str | None = None
+    run: str,
+    *,
+    device: str = "cpu",
+    init: str = "trained",
+    on: str | None = None,
+    at_step: int | None = None,
 ) -> Dict[str, Any]:
     """Model, config, data and settings of the run folder ``run``.
 
@@ -65,6 +70,9 @@ def load_run(
             never meta-trained).
         on: another data set (a name of ``datasets.STANDINS``) whose test signals to adapt to
             instead of the run's own (:func:`cross_domain`).
+        at_step: with ``init="trained"``, the meta-parameters of the snapshot taken after this
+            many outer steps (a run trained with ``--snapshot-every``) instead of the last
+            checkpoint.
     """
     path = os.path.join(run, train.CHECKPOINT)
     if not os.path.isfile(path):
@@ -72,6 +80,17 @@ def load_run(
     if init not in ("trained", "random"):
         raise ValueError(f"`init` must be 'trained' or 'random', got {init!r}.")
     ckpt = harness.load_checkpoint(path, device)
+    if at_step is not None:
+        if init != "trained":
+            raise ValueError(f"`at_step`={at_step} reads a trained snapshot; `init` is {init!r}.")
+        steps = train.snapshot_steps(run)
+        if at_step not in steps:
+            raise ValueError(
+                f"`at_step`={at_step}: {run} has snapshots at steps {steps or 'none'}; train "
+                "with --snapshot-every to keep them, or pick one of those steps."
+            )
+        snap = harness.load_checkpoint(train.snapshot_path(run, at_step), device)
+        ckpt = {**ckpt, "model": snap["model"], "learned_lr": snap["learned_lr"], "step": at_step}
     s = {**ckpt["settings"], "device": device}
     signals = train.load_data(s)
     torch.manual_seed(s["seed"])

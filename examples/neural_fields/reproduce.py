@@ -146,6 +146,11 @@ RUNS["video_nerv_gradncp"] = ("nerv", "video", {**gradncp("video", ratio=0.5), *
 TIMED: Dict[str, Any] = {"eval_every": 20, "log_every": 20}
 RUNS["text_time_maml"] = ("time", "text", {**MAML, **TIMED})
 RUNS["text_time_gradncp"] = ("time", "text", {**gradncp("text"), **TIMED})
+# Score quality over meta-training (Fig. 4, Fig. 9): text_maml and text_gradncp again, keeping
+# the meta-parameters every 25 steps (the snapshots do not change the run) for score_quality.
+QUALITY: Dict[str, Any] = {"snapshot_every": 25}
+RUNS["text_quality_maml"] = ("quality", "text", {**MAML, **QUALITY})
+RUNS["text_quality_gradncp"] = ("quality", "text", {**gradncp("text"), **QUALITY})
 GROUPS = (
     "table1",
     "ratio",
@@ -160,6 +165,7 @@ GROUPS = (
     "ffn",
     "firstorder",
     "bf16",
+    "quality",
 )
 DEFAULT_GROUPS = ("table1", "ratio", "score", "bootstrap", "metasgd")
 EVAL: Dict[str, Any] = {

@@ -11,6 +11,9 @@ Algorithm 1 writes the inner rate) and the grad-norm clip (1.0). Runs write to `
   step. A run started again with the same ``--out`` resumes from it exactly.
 - ``metrics.jsonl``: one JSON object per logged step (outer loss, reconstruction loss) and per
   periodic evaluation (test PSNR after ``--test-steps`` steps).
+- ``snapshots/step_NNNNNN.pt`` (with ``--snapshot-every n``): the meta-parameters (model and
+  learned rates) at step 0 and every n steps, for studies over meta-training
+  (``score_quality``); ``load_run(run, at_step=n)`` reads one.
 
 Run from the repository root::
 
@@ -48,6 +51,7 @@ SCORES = ("gradncp", "loss", "random")
 SCORE_DTYPES: Dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 CHECKPOINT = harness.CHECKPOINT
 LOG = harness.LOG
+SNAPSHOTS = "snapshots"  # --snapshot-every: the meta-parameters at steps 0, n, 2n, ...
 LEARNED_LR = ("none", "step", "param")
 # Settings a resumed run may change: they do not alter the optimisation so far.
 MAY_CHANGE_ON_RESUME = (
@@ -55,6 +59,7 @@ MAY_CHANGE_ON_RESUME = (
     "threads",
     "eval_every",
     "ckpt_every",
+    "snapshot_every",
     "log_every",
     "device",
     "out",
@@ -99,6 +104,7 @@ PAPER: Dict[str, Any] = dict(
     eval_signals=16,
     log_every=10,
     ckpt_every=500,
+    snapshot_every=0,  # n > 0: keep the initialisation at step 0 and every n steps (snapshots/)
     seed=0,
     device="cpu",
     threads=None,
@@ -344,6 +350,7 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
     )
     if step == 0:
         log.write({"step": 0, "event": "start", "settings": s, "data": signals.describe()})
+    every = s["snapshot_every"]
 
     def save() -> None:
         harness.save_checkpoint(
@@ -358,6 +365,14 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             ckpt_path,
         )
 
+    def snapshot() -> None:
+        os.makedirs(os.path.join(s["out"], SNAPSHOTS), exist_ok=True)
+        state = {"step": step, "model": model.state_dict(), "settings": s}
+        state["learned_lr"] = None if rates is None else rates.state_dict()
+        harness.save_checkpoint(state, snapshot_path(s["out"], step))
+
+    if every and step == 0:
+        snapshot()  # the initialisation before any meta-training
     # meta-training seconds of earlier calls (a resumed run), from the last logged record
     trained_before = max((r.get("train_seconds", 0.0) for r in log.records()), default=0.0)
     total = s["outer_steps"]
@@ -397,6 +412,10 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
             log.write({"step": step, "event": "eval", "psnr": value, "train_seconds": done_s})
             bar.write(f"step {step}: test PSNR {value:.2f} dB after {s['test_steps']} steps")
             excluded += time.perf_counter() - paused
+        if every and step % every == 0:
+            paused = time.perf_counter()
+            snapshot()
+            excluded += time.perf_counter() - paused
         if step % s["ckpt_every"] == 0 or step == end:
             paused = time.perf_counter()
             save()
@@ -410,6 +429,20 @@ def train(settings: Dict[str, Any], *, stop_after: int | None = None) -> Dict[st
         "step": step,
         "out": s["out"],
     }
+
+
+def snapshot_path(out: str, step: int) -> str:
+    """The file of the snapshot taken after ``step`` outer steps in the run folder ``out``."""
+    return os.path.join(out, SNAPSHOTS, f"step_{step:06d}.pt")
+
+
+def snapshot_steps(out: str) -> List[int]:
+    """The outer steps at which the run folder ``out`` kept a snapshot, in order."""
+    folder = os.path.join(out, SNAPSHOTS)
+    if not os.path.isdir(folder):
+        return []
+    names = (f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
+    return sorted(int(f[5:-3]) for f in names)
 
 
 def read_log(out: str) -> List[Dict[str, Any]]:
@@ -473,6 +506,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--test-steps", type=int, help=f"K_test ({d['test_steps']})")
     a("--eval-every", type=int, help=f"steps between evaluations ({d['eval_every']})")
     a("--eval-signals", type=int, help=f"test signals per evaluation ({d['eval_signals']})")
+    a(
+        "--snapshot-every",
+        type=int,
+        help="keep the meta-parameters at step 0 and every N steps in snapshots/ (0: none)",
+    )
     harness.add_running_arguments(parser, PAPER, fill_later=True)
     a("--smoke", action="store_true", help="tiny sizes and two steps: checks that all runs")
 
@@ -510,6 +548,8 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--ratio must be in (0, 1], got {s['ratio']}")
     if s["bootstrap_steps"] < 0:
         parser.error(f"--bootstrap-steps must be >= 0, got {s['bootstrap_steps']}")
+    if s["snapshot_every"] < 0:
+        parser.error(f"--snapshot-every must be >= 0 (0: no snapshots), got {s['snapshot_every']}")
     if s["method"] == "reptile" and s["learned_lr"] != "none":
         parser.error(
             f"--method reptile takes no --learned-lr (got {s['learned_lr']}): its outer "
