@@ -120,6 +120,8 @@ def test_cli_writes_the_table_figures_and_refuses_a_run_without_snapshots(
     assert all(len(p["r"]) == 2 and -1 <= p["mean"] <= 1 for p in results[0]["points"])
     table = (out / "score_quality.md").read_text()
     assert "| gradncp K=" in table and "steps 0-2" in table
+    assert "r after 1 steps - r after 0" in table
+    assert (out / "score_quality_steps.png").stat().st_size > 0
     fig10 = tmp_path / "fig10.png"
     score_quality.main(["ranks", "--run", snap_run, "--out", str(fig10), "--inner-steps", "0", "1"])
     summary = json.loads((tmp_path / "fig10.json").read_text())

@@ -10,7 +10,8 @@ loss, with the kept points marked (Fig. 10). This tool measures both on the run 
 - ``training``: the correlation on test signals after ``--inner-steps`` steps of adaptation,
   at every snapshot of each run (train with ``--snapshot-every``; the snapshot at step 0 is the
   random initialisation), written to ``OUT/score_quality.json``, ``OUT/score_quality.md`` (a
-  table over seeds) and ``OUT/score_quality.png`` (correlation against outer step).
+  table over seeds), ``OUT/score_quality.png`` (correlation against outer step) and
+  ``OUT/score_quality_steps.png`` (against inner steps, first and last snapshot).
 - ``ranks``: for one test signal of one run, the score of every point in the order of its loss,
   the kept points marked, after each of ``--inner-steps`` pruned steps, and the share of the
   kept points that are also among the highest losses, written to a PNG and a JSON beside it.
@@ -198,7 +199,57 @@ def summary_table(results: Sequence[Dict[str, Any]]) -> str:
                 f"| {label} ({span}) | {k} | {cell(first, 3)} | {cell(last, 3)} | "
                 f"{cell([b - a for a, b in zip(first, last, strict=True)], 3)} | {len(runs)} |"
             )
+    ks = sorted({p["k"] for res in results for p in res["points"]})
+    if len(ks) > 1:  # Fig. 9's question: does adaptation raise the correlation?
+        lo, hi = ks[0], ks[-1]
+        lines += [
+            "",
+            f"| method | r after {hi} steps - r after {lo}: first snapshot | last snapshot | seeds |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for label, runs in _by_label(results).items():
+            gains: List[List[float]] = [[], []]  # first snapshot, last
+            for res in runs:
+                a, b = _series(res, lo), _series(res, hi)
+                gains[0].append(b[min(b)] - a[min(a)])
+                gains[1].append(b[max(b)] - a[max(a)])
+            lines.append(f"| {label} | {cell(gains[0], 3)} | {cell(gains[1], 3)} | {len(runs)} |")
     return "\n".join(lines)
+
+
+def figure_steps(path: str, results: Sequence[Dict[str, Any]]) -> str:
+    """Write the Fig. 9 analogue: the correlation against the number of inner steps at the first
+    snapshot (dashed; the random initialisation when it is step 0) and the last (solid) of each
+    method, mean over its runs."""
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("`results` is empty: there is no run to plot.")
+    fig = Figure(figsize=(4.6, 3.3), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for i, (label, runs) in enumerate(_by_label(results).items()):
+        for which, style in ((min, "--"), (max, "-")):
+            outer = [which(p["outer_step"] for p in res["points"]) for res in runs]
+            curve: Dict[int, List[float]] = {}
+            for res, t in zip(runs, outer, strict=True):
+                for p in res["points"]:
+                    if p["outer_step"] == t:
+                        curve.setdefault(p["k"], []).append(p["mean"])
+            ks = sorted(curve)
+            ax.plot(
+                ks,
+                [statistics.fmean(curve[k]) for k in ks],
+                style,
+                color=f"C{i}",
+                marker=".",
+                label=f"{label}, outer step {outer[0]}",
+            )
+    ax.set_xlabel("inner steps of adaptation")
+    ax.set_ylabel("Pearson r, score vs full gradient norm")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+    return path
 
 
 def figure_training(path: str, results: Sequence[Dict[str, Any]]) -> str:
@@ -346,6 +397,7 @@ def _training(args: argparse.Namespace) -> str:
     with open(os.path.join(args.out, "score_quality.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    figure_steps(os.path.join(args.out, "score_quality_steps.png"), results)
     return figure_training(os.path.join(args.out, "score_quality.png"), results)
 
 
