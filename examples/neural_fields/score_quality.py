@@ -59,7 +59,8 @@ def _params_after(
     """Per-task parameters after ``k`` adaptation steps in ``mode`` (the initialisation for 0)."""
     if k == 0:
         return ncp.functional.init_params(model, x.shape[0], detach=True)
-    return ncp.adapt(model, x, y, cfg, steps=k, mode=mode, learned_lr=learned_lr).params
+    how = "pruned" if mode == "pruned" else "full"
+    return ncp.adapt(model, x, y, cfg, steps=k, mode=how, learned_lr=learned_lr).params
 
 
 def correlation_by_step(
