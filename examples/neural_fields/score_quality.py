@@ -32,7 +32,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ def _params_after(
     """Per-task parameters after ``k`` adaptation steps in ``mode`` (the initialisation for 0)."""
     if k == 0:
         return ncp.functional.init_params(model, x.shape[0], detach=True)
-    how = "pruned" if mode == "pruned" else "full"
+    how: Literal["full", "pruned"] = "pruned" if mode == "pruned" else "full"
     return ncp.adapt(model, x, y, cfg, steps=k, mode=how, learned_lr=learned_lr).params
 
 
