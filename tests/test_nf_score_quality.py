@@ -122,6 +122,10 @@ def test_cli_writes_the_table_figures_and_refuses_a_run_without_snapshots(
     assert "| gradncp K=" in table and "steps 0-2" in table
     assert "r after 1 steps - r after 0" in table
     assert (out / "score_quality_steps.png").stat().st_size > 0
+    one = score_quality.over_training(snap_run, steps=[0], signals=1, at=[2, 0])
+    assert [p["outer_step"] for p in one["points"]] == [0, 2]
+    with pytest.raises(ValueError, match=r"no snapshots at steps \[5\]; it has \[0, 1, 2\]"):
+        score_quality.over_training(snap_run, at=[5])
     fig10 = tmp_path / "fig10.png"
     score_quality.main(["ranks", "--run", snap_run, "--out", str(fig10), "--inner-steps", "0", "1"])
     summary = json.loads((tmp_path / "fig10.json").read_text())

@@ -113,11 +113,12 @@ def over_training(
     steps: Sequence[int] = (0, 16),
     signals: int = 8,
     mode: str = "full",
+    at: Sequence[int] | None = None,
     device: str = "cpu",
     chunk_size: int = 256,
 ) -> Dict[str, Any]:
-    """The score correlation of every snapshot of ``run`` (:func:`correlation_by_step` on its
-    first ``signals`` test signals).
+    """The score correlation of every snapshot of ``run`` (or of those taken at the outer steps
+    ``at``), :func:`correlation_by_step` on its first ``signals`` test signals.
 
     Returns:
         ``run``, ``label``, ``method``, ``seed``, ``mode``, ``signals`` and ``points``: one
@@ -132,6 +133,11 @@ def over_training(
             f"`run`={run!r} has no snapshots: train it with --snapshot-every N (this tool reads "
             f"{train.SNAPSHOTS}/ in the run folder)."
         )
+    if at is not None:
+        missing = sorted(set(at) - set(taken))
+        if missing:
+            raise ValueError(f"`at`: {run} has no snapshots at steps {missing}; it has {taken}.")
+        taken = sorted(set(at))
     if signals < 1:
         raise ValueError(f"`signals` must be >= 1, got {signals}.")
     points: List[Dict[str, Any]] = []
@@ -228,6 +234,7 @@ def figure_steps(path: str, results: Sequence[Dict[str, Any]]) -> str:
         raise ValueError("`results` is empty: there is no run to plot.")
     fig = Figure(figsize=(4.6, 3.3), dpi=110, layout="constrained")
     ax = fig.subplots()
+    drawn: Dict[tuple, Any] = {}  # runs from the same initialisation share their first curve
     for i, (label, runs) in enumerate(_by_label(results).items()):
         for which, style in ((min, "--"), (max, "-")):
             outer = [which(p["outer_step"] for p in res["points"]) for res in runs]
@@ -237,14 +244,15 @@ def figure_steps(path: str, results: Sequence[Dict[str, Any]]) -> str:
                     if p["outer_step"] == t:
                         curve.setdefault(p["k"], []).append(p["mean"])
             ks = sorted(curve)
-            ax.plot(
-                ks,
-                [statistics.fmean(curve[k]) for k in ks],
-                style,
-                color=f"C{i}",
-                marker=".",
-                label=f"{label}, outer step {outer[0]}",
-            )
+            ys = tuple(round(statistics.fmean(curve[k]), 12) for k in ks)
+            name = f"{label}, outer step {outer[0]}"
+            if (tuple(ks), ys) in drawn:
+                line = drawn[(tuple(ks), ys)]
+                line.set_label(f"{line.get_label()}\n= {name}")
+                line.set_color("0.35")
+                continue
+            (line,) = ax.plot(ks, ys, style, color=f"C{i}", marker=".", label=name)
+            drawn[(tuple(ks), ys)] = line
     ax.set_xlabel("inner steps of adaptation")
     ax.set_ylabel("Pearson r, score vs full gradient norm")
     ax.legend(fontsize=7)
@@ -386,6 +394,7 @@ def _training(args: argparse.Namespace) -> str:
             steps=steps,
             signals=args.signals,
             mode=args.mode,
+            at=args.at,
             device=args.device,
             chunk_size=args.chunk_size,
         )
@@ -413,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         type=int,
         nargs="+",
         help="step counts to measure at (training: 0 16; ranks: 0, K/2, K)",
+    )
+    parser.add_argument(
+        "--at", type=int, nargs="+", help="training: the snapshots' outer steps to use (all)"
     )
     parser.add_argument("--signals", type=int, default=8, help="training: test signals (8)")
     parser.add_argument("--signal", type=int, default=0, help="ranks: which test signal (0)")
