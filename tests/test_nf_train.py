@@ -186,6 +186,45 @@ def test_pruned_column_adapts_on_the_kept_points(text_run):
     assert pruned["psnr"] != res["variants"]["lr=0.01"]["psnr"]
 
 
+def test_evaluate_can_rank_in_another_score_dtype(text_run):
+    # a float32-trained run ranked in bfloat16 at test time: its own file, the plain variant
+    # untouched, the pruned variant what adapting with a bfloat16-scoring pruner gives
+    f32 = evaluate.evaluate(str(text_run), test_steps=2, horizon=2, signals_limit=2)
+    bf16 = evaluate.main(
+        [
+            "--run",
+            str(text_run),
+            "--test-steps",
+            "2",
+            "--horizon",
+            "2",
+            "--signals",
+            "2",
+            "--score-dtype",
+            "bfloat16",
+        ]
+    )
+    assert (text_run / "eval_trained_score_bfloat16.json").is_file()
+    assert bf16["score_dtype"] == "bfloat16" and f32["score_dtype"] == "float32"
+    assert bf16["variants"]["lr=0.01"]["psnr"] == f32["variants"]["lr=0.01"]["psnr"]
+    r = evaluate.load_run(str(text_run))
+    model, signals = r["model"], r["signals"]
+    cfg = train.make_config({**r["settings"], "score_dtype": "bfloat16"})
+    assert cfg.pruner.score_dtype == torch.bfloat16
+    x, y = signals.context(signals.test[:2])
+    adapted = ncp.adapt(model, x, y, cfg, steps=2, mode="pruned")
+    with torch.no_grad():
+        pred = ncp.forward(model, adapted.params, x).clamp(0, 1)
+    expected = psnr(pred, y, signals.data_range).mean().item()
+    assert bf16["variants"]["lr=0.01 pruned"]["psnr"] == pytest.approx(expected, rel=1e-5)
+    maml = evaluate.rescale_config(
+        ncp.MetaConfig(pruner=None, bootstrap=None), 0.25, score_dtype=torch.bfloat16
+    )
+    assert maml.pruner.score_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`score_dtype` must be one of"):
+        evaluate.evaluate(str(text_run), score_dtype="float16")
+
+
 def test_maml_rescale_ratio_defaults_to_the_data_sets_paper_ratio(tmp_path):
     out = tmp_path / "climate_maml"
     argv = ["--smoke", "--data", "grid_file", "--root", str(_grid_file(tmp_path))]

@@ -113,14 +113,17 @@ def load_run(
     }
 
 
-def rescale_config(cfg: ncp.MetaConfig, ratio: float) -> ncp.MetaConfig:
-    """``cfg`` with a GradNCP pruner if it has none (MAML), so that rescaling is defined."""
+def rescale_config(
+    cfg: ncp.MetaConfig, ratio: float, *, score_dtype: torch.dtype | None = None
+) -> ncp.MetaConfig:
+    """``cfg`` with a GradNCP pruner if it has none (MAML), so that rescaling is defined; that
+    pruner scores in ``score_dtype`` (default the parameters' dtype)."""
     if cfg.pruner is not None:
         return cfg
     return ncp.MetaConfig(
         inner_steps=cfg.inner_steps,
         inner_lr=cfg.inner_lr,
-        pruner=ncp.ContextPruner(ratio=ratio),
+        pruner=ncp.ContextPruner(ratio=ratio, score_dtype=score_dtype),
         bootstrap=None,
     )
 
@@ -205,9 +208,11 @@ def evaluate(
     init: str = "trained",
     device: str = "cpu",
     on: str | None = None,
+    score_dtype: str | None = None,
 ) -> Dict[str, Any]:
     """The numbers of one run; also written to ``run/eval_<init>.json``
-    (``run/eval_<init>_on_<on>.json`` for another data set).
+    (``run/eval_<init>_on_<on>.json`` for another data set, ``..._score_<dtype>.json`` with
+    ``score_dtype``).
 
     Args:
         run: a folder written by ``train``.
@@ -220,17 +225,30 @@ def evaluate(
         signals_limit: evaluate on the first this many test signals (default all).
         init: ``"trained"`` or ``"random"`` (see :func:`load_run`).
         on: adapt to this data set's test signals instead (see :func:`load_run`).
+        score_dtype: rank the points of the rescaled and pruned modes with the scoring pass in
+            this dtype (a name of ``train.SCORE_DTYPES``) instead of the run's own: a run
+            trained with float32 scoring evaluated with bfloat16 ranking, or the reverse.
     """
+    if score_dtype is not None and score_dtype not in train.SCORE_DTYPES:
+        raise ValueError(
+            f"`score_dtype` must be one of {sorted(train.SCORE_DTYPES)}, got {score_dtype!r}."
+        )
     r = load_run(run, device=device, init=init, on=on)
     model, cfg, signals, s = r["model"], r["config"], r["signals"], r["settings"]
+    if score_dtype is not None:
+        s = {**s, "score_dtype": score_dtype}
+        cfg = train.make_config(s)
     k_test = test_steps or s["test_steps"]
     horizon = horizon or 4 * k_test
     test = signals.test if signals_limit is None else signals.test[:signals_limit]
     if rescale_ratio is None:
         rescale_ratio = train.paper_ratio(s["data"])
-    rcfg = rescale_config(cfg, rescale_ratio)
+    rcfg = rescale_config(
+        cfg, rescale_ratio, score_dtype=train.SCORE_DTYPES[s.get("score_dtype", "float32")]
+    )
     result: Dict[str, Any] = {
         "run": run,
+        "score_dtype": s.get("score_dtype", "float32"),
         "init": init,
         "trained_on": s["data"],
         "outer_steps": r["step"],
@@ -283,14 +301,17 @@ def evaluate(
         result["variants"][next(iter(result["variants"]))]["lpips"] = (
             lpips(pred, test.to(device)).mean().item()
         )
-    with open(os.path.join(run, result_name(init, on)), "w") as f:
+    with open(os.path.join(run, result_name(init, on, score_dtype)), "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
-def result_name(init: str = "trained", on: str | None = None) -> str:
+def result_name(
+    init: str = "trained", on: str | None = None, score_dtype: str | None = None
+) -> str:
     """The file :func:`evaluate` writes in the run folder."""
-    return f"eval_{init}.json" if on is None else f"eval_{init}_on_{on}.json"
+    name = f"eval_{init}" + (f"_on_{on}" if on is not None else "")
+    return name + (f"_score_{score_dtype}" if score_dtype is not None else "") + ".json"
 
 
 def format_result(result: Dict[str, Any]) -> str:
@@ -330,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         choices=datasets.STANDINS,
         help="adapt to this stand-in's test signals instead (cross-domain, Table 10)",
     )
+    parser.add_argument(
+        "--score-dtype",
+        choices=tuple(train.SCORE_DTYPES),
+        help="rank the points of the rescaled and pruned modes in this dtype (the run's own); "
+        "the result goes to eval_<init>_score_<dtype>.json",
+    )
     args = parser.parse_args(argv)
     for name in ("test_steps", "horizon", "signals"):
         value = getattr(args, name)
@@ -347,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         init=args.init,
         device=args.device,
         on=args.on,
+        score_dtype=args.score_dtype,
     )
     print(format_result(result))
     return result
