@@ -139,3 +139,27 @@ def test_cli_writes_the_table_figures_and_refuses_a_run_without_snapshots(
     with pytest.raises(SystemExit):
         score_quality.main(["ranks", "--run", snap_run, "--out", str(fig10), "--signal", "-1"])
     assert "--signal must be in [0," in capsys.readouterr().err
+
+
+def test_dtype_agreement_is_exact_for_the_same_dtype_and_measures_bf16():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    x, y = torch.rand(2, 64, 2), torch.rand(2, 64, 3)
+    cfg = ncp.MetaConfig(inner_steps=2, inner_lr=0.1, pruner=ncp.ContextPruner(ratio=0.25))
+    same = score_quality.dtype_agreement(model, cfg, x, y, [0, 2], None)
+    assert same == {0: {"rel_err": 0.0, "overlap": 1.0}, 2: {"rel_err": 0.0, "overlap": 1.0}}
+    bf16 = score_quality.dtype_agreement(model, cfg, x, y, [0], torch.bfloat16)
+    ref = ncp.ContextPruner(ratio=0.25, score_dtype=torch.bfloat16).scores(model, x, y)
+    full = cfg.pruner.scores(model, x, y)
+    assert bf16[0]["rel_err"] == pytest.approx(((full - ref).abs() / full).mean().item())
+    assert 0 < bf16[0]["rel_err"] < 0.1 and 0 <= bf16[0]["overlap"] <= 1
+
+
+def test_dtype_cli_prints_one_line_per_step(snap_run, capsys):
+    text = score_quality.main(
+        ["dtype", "--run", snap_run, "--signals", "2", "--inner-steps", "0", "1"]
+    )
+    assert text.count("kept sets share") == 2 and "after 1 pruned steps" in text
+    with pytest.raises(SystemExit):
+        score_quality.main(["ranks", "--run", snap_run])
+    assert "ranks needs --out" in capsys.readouterr().err

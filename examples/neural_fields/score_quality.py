@@ -15,6 +15,8 @@ loss, with the kept points marked (Fig. 10). This tool measures both on the run 
 - ``ranks``: for one test signal of one run, the score of every point in the order of its loss,
   the kept points marked, after each of ``--inner-steps`` pruned steps, and the share of the
   kept points that are also among the highest losses, written to a PNG and a JSON beside it.
+- ``dtype``: after pruned steps, how far bfloat16 scores (``ContextPruner(score_dtype=...)``)
+  depart from the run's own, and how many kept points the two choose alike (printed).
 
 Run from the repository root::
 
@@ -23,11 +25,13 @@ Run from the repository root::
         --out runs/nf_repro/score_quality
     python -m examples.neural_fields.score_quality ranks --run runs/nf_repro/text_gradncp_s0 \\
         --out fig10.png
+    python -m examples.neural_fields.score_quality dtype --run runs/nf_repro/text_gradncp_s0
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -354,6 +358,57 @@ def figure_ranks(path: str, profile: Dict[int, Dict[str, Tensor]], title: str = 
     return path
 
 
+def dtype_agreement(
+    model: nn.Module,
+    cfg: ncp.MetaConfig,
+    x: Tensor,
+    y: Tensor,
+    steps: Sequence[int],
+    dtype: torch.dtype | None,
+) -> Dict[int, Dict[str, float]]:
+    """How far scoring in ``dtype`` (``ContextPruner(score_dtype=dtype)``; None: the inputs'
+    dtype) departs from
+    ``cfg.pruner``'s own scores after each count in ``steps`` of pruned steps taken with
+    ``cfg``: ``rel_err``, the mean of ``|s - s_dtype| / |s|`` over points, and ``overlap``,
+    the mean share of the kept points the two choose alike."""
+    if cfg.pruner is None:
+        raise ValueError("`cfg` has no pruner: give a MAML run one first (rescale_config).")
+    other = dataclasses.replace(cfg.pruner, score_dtype=dtype)
+    out = {}
+    for k in sorted(set(int(k) for k in steps)):
+        params = _params_after(model, cfg, x, y, k, mode="pruned")
+        a = cfg.pruner.scores(model, x, y, params=params, loss_fn=cfg.loss_fn)
+        b = other.scores(model, x, y, params=params, loss_fn=cfg.loss_fn)
+        keep = cfg.pruner.keep(x.shape[1])
+        ia, ib = a.topk(keep, dim=1).indices, b.topk(keep, dim=1).indices
+        shared = [
+            len(set(u.tolist()) & set(v.tolist())) / keep for u, v in zip(ia, ib, strict=True)
+        ]
+        rel = ((a - b.to(a.dtype)).abs() / a.abs().clamp_min(torch.finfo(a.dtype).tiny)).mean()
+        out[k] = {"rel_err": float(rel), "overlap": statistics.fmean(shared)}
+    return out
+
+
+def _dtype(args: argparse.Namespace) -> str:
+    from examples.neural_fields import train
+    from examples.neural_fields.evaluate import load_run, rescale_config
+
+    lines = []
+    for run in args.run:
+        r = load_run(run, device=args.device)
+        cfg = rescale_config(r["config"], train.paper_ratio(r["settings"]["data"]))
+        x, y = r["signals"].context(r["signals"].test[: args.signals].to(args.device))
+        steps = args.inner_steps or [0, cfg.inner_steps // 2, cfg.inner_steps]
+        found = dtype_agreement(r["model"], cfg, x, y, steps, torch.bfloat16)
+        for k, v in found.items():
+            lines.append(
+                f"{run}: after {k} pruned steps, bfloat16 scores differ from the run's by "
+                f"{v['rel_err']:.1%} on average; kept sets share {v['overlap']:.1%}"
+            )
+    print("\n".join(lines))
+    return "\n".join(lines)
+
+
 def _ranks(args: argparse.Namespace) -> str:
     from examples.neural_fields import train
     from examples.neural_fields.evaluate import load_run, rescale_config
@@ -412,21 +467,21 @@ def _training(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Command line entry point; returns the figure written."""
+    """Command line entry point; returns the figure written (``dtype``: the lines printed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=("training", "ranks"))
+    parser.add_argument("study", choices=("training", "ranks", "dtype"))
     parser.add_argument("--run", action="append", required=True, help="run folder (repeatable)")
-    parser.add_argument("--out", required=True, help="training: a folder; ranks: a PNG")
+    parser.add_argument("--out", help="training: a folder; ranks: a PNG (both need it)")
     parser.add_argument(
         "--inner-steps",
         type=int,
         nargs="+",
-        help="step counts to measure at (training: 0 16; ranks: 0, K/2, K)",
+        help="step counts to measure at (training: 0 16; ranks, dtype: 0, K/2, K)",
     )
     parser.add_argument(
         "--at", type=int, nargs="+", help="training: the snapshots' outer steps to use (all)"
     )
-    parser.add_argument("--signals", type=int, default=8, help="training: test signals (8)")
+    parser.add_argument("--signals", type=int, default=8, help="training, dtype: test signals (8)")
     parser.add_argument("--signal", type=int, default=0, help="ranks: which test signal (0)")
     parser.add_argument(
         "--mode", choices=MODES, default="full", help="training: how to adapt (full)"
@@ -435,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (torch's default)")
     args = parser.parse_args(argv)
+    if args.study != "dtype" and args.out is None:
+        parser.error(f"{args.study} needs --out")
     if args.inner_steps is not None and min(args.inner_steps) < 0:
         parser.error(f"--inner-steps must be >= 0, got {args.inner_steps}")
     for name in ("signals", "chunk_size"):
@@ -443,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.study == "dtype":
+            return _dtype(args)
         path = _ranks(args) if args.study == "ranks" else _training(args)
     except ValueError as e:  # a run without snapshots or a pruner: say so, no traceback
         parser.error(str(e))
