@@ -423,6 +423,7 @@ def test_size64_preset_is_the_papers_siren_on_bigger_signals(tmp_path):
     ]
     assert len(cmds) == 6
     assert all("--hidden 256 --layers 5" in c and "--resolution 64" in c for c in cmds)
+    assert all("--outer-lr 0.0001 " in c for c in cmds)  # 1e-3 collapsed GradNCP at this size
     speech = [c for c in cmds if "--data speech" in c]
     assert all("--seconds 1.0 " in c and "--audio-bound 50.0" in c for c in speech)
     assert "--ratio 0.5 --inner-steps 8" in speech[1]

@@ -180,9 +180,11 @@ CROSS_DOMAIN_RUNS = ("video_maml", "video_gradncp")
 CROSS_DOMAIN = ("text", "photos", "deep_sky")
 
 # One size step up (--preset size64): 64x64 images and 1 s of audio with the paper's SIREN 5x256,
-# fewer outer steps. Outer lr as at 32x32 for images; speech at 2e-4 as above.
+# fewer outer steps. Outer lr 1e-4, as in the GPU preset: at the 32x32 runs' 1e-3 GradNCP on Text
+# collapsed (its bootstrap distance fell while adaptation stopped moving the model; 8.3 dB).
 SIZE64: Dict[str, Any] = {
     **COMMON,
+    "outer_lr": 1e-4,
     "hidden": 256,
     "layers": 5,
     "resolution": 64,
@@ -194,9 +196,8 @@ SIZE64: Dict[str, Any] = {
 }
 SIZE64_RUNS: Dict[str, Tuple[str, str, Dict[str, Any]]] = {}
 for _d in ("text", "photos", "speech"):
-    _lr = {"outer_lr": 2e-4} if _d == "speech" else {}
-    SIZE64_RUNS[f"{_d}_maml"] = ("size64", _d, {**MAML, **_lr})
-    SIZE64_RUNS[f"{_d}_gradncp"] = ("size64", _d, {**gradncp(_d), **_lr})
+    SIZE64_RUNS[f"{_d}_maml"] = ("size64", _d, dict(MAML))
+    SIZE64_RUNS[f"{_d}_gradncp"] = ("size64", _d, gradncp(_d))
 
 # The CelebA-scale comparison for one GPU (--preset gpu): 178x178, SIREN 5x256, batch 8, MAML
 # K=4 against GradNCP K=16 on the deep-sky stand-in (or a CelebA folder with --root). The
