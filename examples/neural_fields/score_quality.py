@@ -104,6 +104,20 @@ def correlation_by_step(
     return out
 
 
+def _load(
+    run: str, device: str, test: slice, at_step: int | None = None
+) -> tuple[Dict[str, Any], ncp.MetaConfig, Tensor, Tensor]:
+    """``load_run`` of ``run`` (its snapshot at ``at_step``), its config with a pruner (MAML
+    gets the data set's paper ratio) and the context of the test signals ``test``."""
+    from examples.neural_fields import train
+    from examples.neural_fields.evaluate import load_run, rescale_config
+
+    r = load_run(run, device=device, at_step=at_step)
+    cfg = rescale_config(r["config"], train.paper_ratio(r["settings"]["data"]))
+    x, y = r["signals"].context(r["signals"].test[test].to(device))
+    return r, cfg, x, y
+
+
 def _label(settings: Dict[str, Any]) -> str:
     label = f"{settings['method']} K={settings['inner_steps']}"
     if settings["method"] == "gradncp":
@@ -129,7 +143,6 @@ def over_training(
         record ``{"outer_step", "k", "r": [per signal], "mean"}`` per snapshot and step count.
     """
     from examples.neural_fields import train
-    from examples.neural_fields.evaluate import load_run, rescale_config
 
     taken = train.snapshot_steps(run)
     if not taken:
@@ -147,11 +160,8 @@ def over_training(
     points: List[Dict[str, Any]] = []
     settings: Dict[str, Any] = {}
     for outer in taken:
-        r = load_run(run, device=device, at_step=outer)
+        r, cfg, x, y = _load(run, device, slice(signals), at_step=outer)
         settings = r["settings"]
-        cfg = rescale_config(r["config"], train.paper_ratio(settings["data"]))
-        test = r["signals"].test[:signals].to(device)
-        x, y = r["signals"].context(test)
         found = correlation_by_step(
             r["model"],
             cfg,
@@ -310,15 +320,16 @@ def rank_profile(
     if x.shape[0] != 1:
         raise ValueError(f"`x` must hold one signal (1, points, ...), got {tuple(x.shape)}.")
     n = x.shape[1]
-    keep = cfg.pruner.keep(n)
     out = {}
     for k in sorted(set(int(k) for k in steps)):
         params = _params_after(model, cfg, x, y, k, mode="pruned", learned_lr=learned_lr)
         with torch.no_grad():
             loss = cfg.loss_fn(ncp.forward(model, params, x), y)[0]
         score = cfg.pruner.scores(model, x, y, params=params, loss_fn=cfg.loss_fn)[0]
+        chosen = cfg.pruner(model, x, y, params=params, loss_fn=cfg.loss_fn).indices[0]
+        keep = chosen.numel()
         kept = torch.zeros(n, dtype=torch.bool, device=x.device)
-        kept[score.topk(keep).indices] = True
+        kept[chosen] = True
         by_loss = torch.zeros_like(kept)
         by_loss[loss.topk(keep).indices] = True
         overlap = (kept & by_loss).sum() / keep
@@ -367,10 +378,9 @@ def dtype_agreement(
     dtype: torch.dtype | None,
 ) -> Dict[int, Dict[str, float]]:
     """How far scoring in ``dtype`` (``ContextPruner(score_dtype=dtype)``; None: the inputs'
-    dtype) departs from
-    ``cfg.pruner``'s own scores after each count in ``steps`` of pruned steps taken with
-    ``cfg``: ``rel_err``, the mean of ``|s - s_dtype| / |s|`` over points, and ``overlap``,
-    the mean share of the kept points the two choose alike."""
+    dtype) departs from ``cfg.pruner``'s own scores after each count in ``steps`` of pruned
+    steps taken with ``cfg``: ``rel_err``, the mean of ``|s - s_dtype| / |s|`` over points,
+    and ``overlap``, the mean share of the kept points the two choose alike."""
     if cfg.pruner is None:
         raise ValueError("`cfg` has no pruner: give a MAML run one first (rescale_config).")
     other = dataclasses.replace(cfg.pruner, score_dtype=dtype)
@@ -390,14 +400,9 @@ def dtype_agreement(
 
 
 def _dtype(args: argparse.Namespace) -> str:
-    from examples.neural_fields import train
-    from examples.neural_fields.evaluate import load_run, rescale_config
-
     lines = []
     for run in args.run:
-        r = load_run(run, device=args.device)
-        cfg = rescale_config(r["config"], train.paper_ratio(r["settings"]["data"]))
-        x, y = r["signals"].context(r["signals"].test[: args.signals].to(args.device))
+        r, cfg, x, y = _load(run, args.device, slice(args.signals))
         steps = args.inner_steps or [0, cfg.inner_steps // 2, cfg.inner_steps]
         found = dtype_agreement(r["model"], cfg, x, y, steps, torch.bfloat16)
         for k, v in found.items():
@@ -410,17 +415,12 @@ def _dtype(args: argparse.Namespace) -> str:
 
 
 def _ranks(args: argparse.Namespace) -> str:
-    from examples.neural_fields import train
-    from examples.neural_fields.evaluate import load_run, rescale_config
-
     if len(args.run) != 1:
         raise ValueError(f"ranks takes one --run, got {len(args.run)}")
-    r = load_run(args.run[0], device=args.device)
+    r, cfg, x, y = _load(args.run[0], args.device, slice(args.signal, args.signal + 1))
     n_test = r["signals"].test.shape[0]
     if not 0 <= args.signal < n_test:
         raise ValueError(f"--signal must be in [0, {n_test - 1}], got {args.signal}")
-    cfg = rescale_config(r["config"], train.paper_ratio(r["settings"]["data"]))
-    x, y = r["signals"].context(r["signals"].test[args.signal : args.signal + 1].to(args.device))
     steps = args.inner_steps or [0, cfg.inner_steps // 2, cfg.inner_steps]
     profile = rank_profile(r["model"], cfg, x, y, steps, learned_lr=r["learned_lr"])
     title = f"{_label(r['settings'])}, {r['settings']['data']} test signal {args.signal}"
@@ -428,7 +428,7 @@ def _ranks(args: argparse.Namespace) -> str:
     summary = {
         "run": args.run[0],
         "signal": args.signal,
-        "kept": cfg.pruner.keep(x.shape[1]) if cfg.pruner is not None else None,
+        "kept": profile[min(profile)]["kept"].sum().item(),
         "points": x.shape[1],
         "overlap": {str(k): float(p["overlap"]) for k, p in profile.items()},
     }
