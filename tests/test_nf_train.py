@@ -427,6 +427,9 @@ def test_size64_preset_is_the_papers_siren_on_bigger_signals(tmp_path):
     speech = [c for c in cmds if "--data speech" in c]
     assert all("--seconds 1.0 " in c and "--audio-bound 50.0" in c for c in speech)
     assert "--ratio 0.5 --inner-steps 8" in speech[1]
+    # 1 s clips are 16,000 points: half the images' outer steps, each flag given once
+    assert all("--outer-steps 100 " in c and c.count("--outer-steps") == 1 for c in speech)
+    assert all("--outer-steps 200 " in c for c in cmds if c not in speech)
 
 
 def test_gpu_preset_runs_tiny_on_cpu_and_writes_its_row(tmp_path):
