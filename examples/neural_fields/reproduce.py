@@ -194,7 +194,7 @@ SIZE64: Dict[str, Any] = {
     "eval_every": 100,
     "eval_signals": 4,
 }
-# 1 s of speech is 16,000 points a clip, four times a 64x64 image: 100 outer steps (25-35 s a
+# 1 s of speech is 16,000 points a clip, four times a 64x64 image: 100 outer steps (25-36 s a
 # step for either method on one core of the 2-core VM beside another job; 5,266 MB saved for
 # backward).
 SIZE64_PER_DATA: Dict[str, Dict[str, Any]] = {"speech": {"outer_steps": 100}}
